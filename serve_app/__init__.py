@@ -1,0 +1,1 @@
+"""GPT-2-family text generation on Ray Serve."""

@@ -1,0 +1,169 @@
+"""Every setting of the application, typed, defaulted and documented in one place.
+
+The `args:` block of a Serve config file is validated into `AppArgs` by the app builder.
+Environment variables are read here and only here (`EnvSettings`); they override the YAML
+for the settings that differ between machines (where Redis and the database live).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Stand-in architectures: the real GPT-2 family shapes, plus tiny shapes for tests.
+Architecture = Literal["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2", "tiny"]
+DType = Literal["float32", "bfloat16", "int8-dynamic"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    """One servable model id and where its weights come from."""
+
+    id: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,63}$",
+        description="The id clients ask for (`model` field or `serve_multiplexed_model_id`).",
+    )
+    source: str | None = Field(
+        default=None,
+        description=(
+            "A Hugging Face hub id (e.g. `gpt2`) or a local `save_pretrained` directory. "
+            "None means: always serve the stand-in."
+        ),
+    )
+    architecture: Architecture = Field(
+        default="gpt2",
+        description="GPT-2 size whose architecture the stand-in copies (random weights).",
+    )
+    seed: int = Field(default=0, ge=0, description="Seed of the stand-in's random weights.")
+    n_layer: int | None = Field(
+        default=None, ge=1, le=48, description="Override the architecture's layer count."
+    )
+    allow_standin: bool = Field(
+        default=True,
+        description="Serve the stand-in (with a loud warning) when `source` cannot be loaded.",
+    )
+    dtype: DType = Field(default="float32", description="Inference precision on the CPU.")
+
+
+class GeneratorOptions(_Strict):
+    """Generator replica settings fixed at start-up (tunables live in the deployment's
+    `user_config`, see `BatchingConfig`)."""
+
+    max_models_per_replica: int = Field(
+        default=2, ge=1, description="LRU size of `@serve.multiplexed` on each replica."
+    )
+    torch_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "torch intra-op threads. Ray sets OMP_NUM_THREADS to the replica's num_cpus, "
+            "which can starve big batches; None uses every core of the machine."
+        ),
+    )
+
+
+class BatchingConfig(_Strict):
+    """The generator's `user_config`: applied live in `reconfigure()`, no restart."""
+
+    max_batch_size: int = Field(default=16, ge=1, le=256)
+    batch_wait_timeout_s: float = Field(default=0.01, ge=0.0, le=5.0)
+
+
+class CacheOptions(_Strict):
+    enabled: bool = Field(default=True, description="Answer deterministic requests from Redis.")
+    ttl_s: int = Field(default=3600, ge=1, description="Lifetime of a cached response.")
+    prefix: str = Field(default="gpt2serve", description="Namespace of every Redis key.")
+    timeout_s: float = Field(
+        default=0.25, gt=0, description="Bound on any one Redis call; slower counts as a miss."
+    )
+
+
+class AppArgs(_Strict):
+    """The `args:` block of a Serve config file."""
+
+    models: list[ModelSpec] = Field(min_length=1)
+    default_model: str | None = Field(
+        default=None, description="Model used when a request names none; first model if unset."
+    )
+    forbidden_words: list[str] = Field(
+        default_factory=lambda: ["violence", "hate"],
+        description="Prompts containing any of these words (case-insensitive) get a 400.",
+    )
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis for the response cache. Unset: each ingress replica starts an "
+        "embedded redis-server on a free loopback port. Env REDIS_URL overrides.",
+    )
+    database_url: str = Field(
+        default="sqlite+aiosqlite:///data/generations.db",
+        description="SQLAlchemy async URL of the system of record. Env DATABASE_URL overrides.",
+    )
+    standin_dir: str | None = Field(
+        default=None,
+        description="Where stand-in checkpoints are built and cached. Env STANDIN_DIR "
+        "overrides; default ~/.cache/serve-gpt2/standins.",
+    )
+    hub_timeout_s: float = Field(
+        default=5.0, gt=0, description="How long to try the Hugging Face hub before a stand-in."
+    )
+    cache: CacheOptions = Field(default_factory=CacheOptions)
+    generator: GeneratorOptions = Field(default_factory=GeneratorOptions)
+
+    @field_validator("models")
+    @classmethod
+    def _unique_ids(cls, models: list[ModelSpec]) -> list[ModelSpec]:
+        ids = [m.id for m in models]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"model ids must be unique, got {ids}")
+        return models
+
+    @model_validator(mode="after")
+    def _default_is_known(self) -> AppArgs:
+        if self.default_model is not None and self.default_model not in self.model_ids:
+            raise ValueError(f"default_model {self.default_model!r} is not one of {self.model_ids}")
+        return self
+
+    @property
+    def model_ids(self) -> list[str]:
+        return [m.id for m in self.models]
+
+    @property
+    def default_model_id(self) -> str:
+        return self.default_model or self.models[0].id
+
+    def model(self, model_id: str) -> ModelSpec | None:
+        return next((m for m in self.models if m.id == model_id), None)
+
+
+class EnvSettings(BaseSettings):
+    """The environment variables the application reads (and nothing else reads any)."""
+
+    model_config = SettingsConfigDict(env_file=None, extra="ignore")
+
+    redis_url: str | None = Field(default=None, validation_alias="REDIS_URL")
+    database_url: str | None = Field(default=None, validation_alias="DATABASE_URL")
+    standin_dir: str | None = Field(default=None, validation_alias="STANDIN_DIR")
+    hf_hub_offline: bool = Field(default=False, validation_alias="HF_HUB_OFFLINE")
+
+
+def resolve_args(args: AppArgs, env: EnvSettings | None = None) -> AppArgs:
+    """Apply environment overrides to the YAML args and fill in machine-specific defaults."""
+    env = env or EnvSettings()
+    updates: dict[str, object] = {}
+    if env.redis_url:
+        updates["redis_url"] = env.redis_url
+    if env.database_url:
+        updates["database_url"] = env.database_url
+    standin_dir = env.standin_dir or args.standin_dir
+    updates["standin_dir"] = str(
+        Path(standin_dir or Path.home() / ".cache" / "serve-gpt2" / "standins")
+        .expanduser()
+        .resolve()
+    )
+    return args.model_copy(update=updates)

@@ -1,0 +1,69 @@
+"""Exceptions that carry meaning. One handler in the HTTP layer maps them to status codes.
+
+They are plain Python (no Ray, no FastAPI) so the generator and persistence deployments can
+raise them; Ray re-raises a replica's exception at the caller as a subclass of the original
+class, so `except ServeError` works across a `DeploymentHandle` call.
+"""
+
+from __future__ import annotations
+
+
+class ServeError(Exception):
+    """Base of every error the API reports on purpose."""
+
+    status_code: int = 500
+    error_type: str = "internal_error"
+
+    def __init__(self, message: str, **details: object) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def __reduce__(self):  # keep details across Ray's pickling
+        return (_rebuild, (type(self), self.message, self.details))
+
+
+def _rebuild(cls: type[ServeError], message: str, details: dict) -> ServeError:
+    return cls(message, **details)
+
+
+class InvalidRequestError(ServeError):
+    status_code = 400
+    error_type = "invalid_request"
+
+
+class ForbiddenContentError(ServeError):
+    status_code = 400
+    error_type = "forbidden_content"
+
+
+class InvalidCursorError(ServeError):
+    status_code = 400
+    error_type = "invalid_cursor"
+
+
+class UnknownModelError(ServeError):
+    status_code = 404
+    error_type = "unknown_model"
+
+
+class NotFoundError(ServeError):
+    status_code = 404
+    error_type = "not_found"
+
+
+class PromptTooLongError(ServeError):
+    status_code = 413
+    error_type = "prompt_too_long"
+
+
+class ModelUnavailableError(ServeError):
+    """The model's source cannot be loaded and no stand-in is allowed."""
+
+    status_code = 503
+    error_type = "model_unavailable"
+
+
+class DependencyUnavailableError(ServeError):
+    status_code = 503
+    error_type = "dependency_unavailable"
