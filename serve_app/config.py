@@ -112,6 +112,10 @@ class AppArgs(_Strict):
     hub_timeout_s: float = Field(
         default=5.0, gt=0, description="How long to try the Hugging Face hub before a stand-in."
     )
+    offline: bool = Field(
+        default=False,
+        description="Never contact the Hugging Face hub (also set by env HF_HUB_OFFLINE=1).",
+    )
     cache: CacheOptions = Field(default_factory=CacheOptions)
     generator: GeneratorOptions = Field(default_factory=GeneratorOptions)
 
@@ -160,6 +164,8 @@ def resolve_args(args: AppArgs, env: EnvSettings | None = None) -> AppArgs:
         updates["redis_url"] = env.redis_url
     if env.database_url:
         updates["database_url"] = env.database_url
+    if env.hf_hub_offline:
+        updates["offline"] = True
     standin_dir = env.standin_dir or args.standin_dir
     updates["standin_dir"] = str(
         Path(standin_dir or Path.home() / ".cache" / "serve-gpt2" / "standins")

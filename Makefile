@@ -1,0 +1,41 @@
+# The README's two commands: `make run` and `make test`. Both set up .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.stamp-install
+
+.PHONY: install run run-tiny test test-unit lint load bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first and pinned: 2.13.0 is the CPU build; a looser pin pulls CUDA wheels.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[dev,postgres]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(BIN)/serve run serve_config.yaml
+
+run-tiny: install
+	$(BIN)/serve run configs/tiny.yaml
+
+test: install
+	$(BIN)/python -m pytest
+
+test-unit: install
+	$(BIN)/python -m pytest tests/unit
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+# Against a running app: make load HOST=http://127.0.0.1:8000 USERS=16 TIME=60s
+HOST  ?= http://127.0.0.1:8000
+USERS ?= 16
+TIME  ?= 60s
+load: install
+	$(BIN)/locust -f loadtests/locustfile.py --headless -u $(USERS) -r $(USERS) -t $(TIME) --host $(HOST)
+
+clean:
+	rm -rf $(VENV) data .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,221 @@
+"""The Ingress deployment: FastAPI routes that translate HTTP into calls on the service.
+
+Wire types live in `schemas`, the request logic in `service`, error mapping in `http_errors`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Header, Path, Query
+from ray import serve
+from ray.exceptions import RayError
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+from redis.asyncio import Redis
+
+from serve_app.cache import ResponseCache
+from serve_app.config import AppArgs
+from serve_app.domain import GenerationRequest, GenerationResult, SamplingParams
+from serve_app.errors import DependencyUnavailableError, NotFoundError
+from serve_app.http_errors import as_serve_error, install_error_handlers
+from serve_app.redis_server import EmbeddedRedis
+from serve_app.registry import resolve_model
+from serve_app.schemas import (
+    GenerateRequest,
+    GenerationRecord,
+    HistoryPage,
+    ModelEntry,
+    ModelList,
+    Usage,
+)
+from serve_app.service import Answer, GenerateCommand, GenerationService, ModelCatalog
+from serve_app.store import NewGeneration, StoredGeneration
+
+logger = logging.getLogger("ray.serve")
+
+api = FastAPI(
+    title="GPT-2 on Ray Serve",
+    description="Multiplexed GPT-2-family text generation with batching, cache and history.",
+    version="0.1.0",
+)
+install_error_handlers(api)
+
+HEALTH_TIMEOUT_S = 2.0
+
+
+async def _call(response: Any, what: str, timeout_s: float | None = None) -> Any:
+    """Await a handle call; infrastructure failures become a 503, meaningful errors pass."""
+    try:
+        if timeout_s is None:
+            return await response
+        return await asyncio.wait_for(response, timeout_s)
+    except asyncio.TimeoutError as exc:
+        raise DependencyUnavailableError(f"{what} did not answer in time") from exc
+    except (RayError, BackPressureError) as exc:
+        known = as_serve_error(exc)
+        if known is not None:
+            raise known from None
+        logger.warning("%s unavailable: %r", what, exc)
+        raise DependencyUnavailableError(f"{what} is unavailable, try again") from exc
+
+
+async def _probe(response: Any) -> Any:
+    """A best-effort read for health and stats: a failure is reported, never raised."""
+    try:
+        return await asyncio.wait_for(response, HEALTH_TIMEOUT_S)
+    except Exception as exc:
+        return {"status": "unavailable", "error": type(exc).__name__}
+
+
+class HandleBackend:
+    """The service's backend, reached through Ray Serve deployment handles."""
+
+    def __init__(self, generator: DeploymentHandle, store: DeploymentHandle) -> None:
+        self.generator = generator
+        self.store = store
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        handle = self.generator.options(multiplexed_model_id=request.model_id)
+        return await _call(handle.generate.remote(request), "generator")
+
+    async def record(self, rows: list[NewGeneration]) -> list[StoredGeneration]:
+        return await _call(self.store.record.remote(rows), "persistence")
+
+
+def to_record(stored: StoredGeneration) -> GenerationRecord:
+    return GenerationRecord(
+        id=stored.id,
+        prompt=stored.prompt,
+        generated_text=stored.generated_text,
+        completion=stored.generated_text[len(stored.prompt) :],
+        model_name=stored.model_name,
+        created_at=stored.to_dict()["created_at"],
+        cached=stored.cached,
+        user_id=stored.user_id,
+        usage=Usage(
+            prompt_tokens=stored.prompt_tokens, completion_tokens=stored.completion_tokens
+        ),
+    )
+
+
+@serve.deployment
+@serve.ingress(api)
+class Ingress:
+    def __init__(
+        self, args: AppArgs, generator: DeploymentHandle, store: DeploymentHandle
+    ) -> None:
+        from pathlib import Path as FsPath
+
+        self.args = args
+        self.generator = generator
+        self.store = store
+        standin_dir = FsPath(args.standin_dir or ".")
+        infos = {
+            spec.id: resolve_model(spec, standin_dir, args.hub_timeout_s, args.offline)
+            for spec in args.models
+        }
+        self.catalog = ModelCatalog(args, infos)
+
+        self.embedded_redis: EmbeddedRedis | None = None
+        redis_url = args.redis_url
+        if redis_url is None and args.cache.enabled:
+            self.embedded_redis = EmbeddedRedis()
+            redis_url = self.embedded_redis.start()
+        redis = (
+            Redis.from_url(
+                redis_url,
+                socket_timeout=args.cache.timeout_s,
+                socket_connect_timeout=args.cache.timeout_s,
+            )
+            if redis_url
+            else None
+        )
+        self.redis_mode = (
+            "disabled" if redis is None else "embedded" if self.embedded_redis else "external"
+        )
+        self.cache = ResponseCache(redis, args.cache)
+        self.service = GenerationService(
+            args, self.catalog, self.cache, HandleBackend(generator, store)
+        )
+
+    def __del__(self) -> None:
+        if getattr(self, "embedded_redis", None) is not None:
+            self.embedded_redis.stop()
+
+    @api.post("/generate", response_model=list[GenerationRecord])
+    async def generate(
+        self,
+        body: GenerateRequest,
+        header_model: Annotated[str | None, Header(alias="serve_multiplexed_model_id")] = None,
+    ) -> list[GenerationRecord]:
+        command = GenerateCommand(
+            prompts=body.prompts,
+            model_id=body.model or header_model or self.args.default_model_id,
+            params=SamplingParams(
+                max_new_tokens=body.max_new_tokens,
+                max_length=body.max_length,
+                temperature=body.temperature,
+                top_p=body.top_p,
+                seed=body.seed,
+            ),
+            user_id=body.user_id,
+        )
+        answers: list[Answer] = await self.service.generate(command)
+        return [to_record(a.record) for a in answers]
+
+    @api.get("/history", response_model=HistoryPage)
+    async def history(
+        self,
+        limit: Annotated[int, Query(ge=1, le=100)] = 20,
+        cursor: Annotated[str | None, Query(max_length=512)] = None,
+        user_id: Annotated[str | None, Query(max_length=128)] = None,
+        model: Annotated[str | None, Query(max_length=64)] = None,
+    ) -> HistoryPage:
+        items, next_cursor = await _call(
+            self.store.history.remote(limit, cursor, user_id, model), "persistence"
+        )
+        return HistoryPage(items=[to_record(s) for s in items], next_cursor=next_cursor)
+
+    @api.get("/history/{generation_id}", response_model=GenerationRecord)
+    async def history_item(
+        self, generation_id: Annotated[str, Path(max_length=64)]
+    ) -> GenerationRecord:
+        stored = await _call(self.store.get.remote(generation_id), "persistence")
+        if stored is None:
+            raise NotFoundError(f"no generation with id {generation_id!r}")
+        return to_record(stored)
+
+    @api.get("/models", response_model=ModelList)
+    async def models(self) -> ModelList:
+        default = self.args.default_model_id
+        entries = []
+        for spec in self.args.models:
+            info = self.catalog.info(spec.id).to_public()
+            entries.append(ModelEntry(**info, default=spec.id == default))
+        return ModelList(default=default, models=entries)
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        redis, database, generator = await asyncio.gather(
+            self.cache.health(),
+            _probe(self.store.health.remote()),
+            _probe(self.generator.health.remote()),
+        )
+        redis["mode"] = self.redis_mode
+        parts = {"redis": redis, "database": database, "generator": generator}
+        healthy = all(p.get("status") in ("ok", "disabled") for p in parts.values())
+        return {"status": "ok" if healthy else "degraded", **parts}
+
+    @api.get("/stats")
+    async def stats(self) -> dict[str, Any]:
+        generator, records = await asyncio.gather(
+            _probe(self.generator.stats.remote()), _probe(self.store.count.remote())
+        )
+        snapshot = self.service.counters.snapshot()
+        snapshot["cache"]["redis_errors"] = self.cache.errors
+        snapshot["records_total"] = records
+        snapshot["generator"] = generator
+        return snapshot
