@@ -48,8 +48,6 @@ ARCHITECTURES: dict[str, dict] = {
 }
 """`GPT2Config` keyword arguments of each stand-in size (the published GPT-2 shapes)."""
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
 
 def architecture_config(arch: str, n_layer: int | None = None) -> dict:
     """The `GPT2Config` kwargs of `arch`, with the layer count overridden by `n_layer`."""
@@ -221,7 +219,9 @@ def generate_corpus(vocab_size: int) -> Iterator[str]:
     which gives the rare-word merges that fill a 50k vocabulary)."""
     rng = random.Random(_CORPUS_SEED + vocab_size)
     lexicon = _lexicon(rng, max(3000, int(vocab_size * 2.4)))
-    cum_weights = list(itertools.accumulate(1.0 / (rank + 2.7) ** 1.07 for rank in range(len(lexicon))))
+    cum_weights = list(
+        itertools.accumulate(1.0 / (rank + 2.7) ** 1.07 for rank in range(len(lexicon)))
+    )
     n_words = max(100_000, vocab_size * 20)
     chunk = 20_000
     sentence: list[str] = []
@@ -289,10 +289,8 @@ def _build_standin(
         tokenizer.save_pretrained(tmp)
         with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream alone
             torch.manual_seed(seed)
-            model = GPT2LMHeadModel(
-                GPT2Config(**kwargs, bos_token_id=eos_id, eos_token_id=eos_id)
-            )
-        model.save_pretrained(tmp, safe_serialization=True)
+            model = GPT2LMHeadModel(GPT2Config(**kwargs, bos_token_id=eos_id, eos_token_id=eos_id))
+        model.save_pretrained(tmp)  # safetensors: the only format in transformers 5
         marker = {
             "arch": arch,
             "seed": seed,
@@ -319,8 +317,9 @@ def _is_complete(target: Path, revision: str) -> bool:
 def _publish(tmp: Path, target: Path) -> None:
     """Atomically move a finished build into place (callers hold the target's lock)."""
     for path in tmp.iterdir():  # make the data durable before the rename makes it visible
-        with open(path, "rb") as fh:
-            os.fsync(fh.fileno())
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
     if target.exists():  # an incomplete leftover (e.g. copied by hand): replace it
         shutil.rmtree(target)
     os.replace(tmp, target)

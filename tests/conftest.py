@@ -1,0 +1,117 @@
+"""Shared fixtures. Integration fixtures start real things: a redis-server the tests own, and
+the real application under `serve run` on a free port, driven over HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from serve_app.redis_server import EmbeddedRedis
+
+ROOT = Path(__file__).resolve().parent.parent
+STARTUP_TIMEOUT_S = 240
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """A real redis-server owned by the test session (never the machine's 6379)."""
+    with EmbeddedRedis() as server:
+        yield server
+
+
+class RunningApp:
+    def __init__(self, base_url: str, db_path: Path, redis_url: str | None, log: Path) -> None:
+        self.base_url = base_url
+        self.db_path = db_path
+        self.redis_url = redis_url
+        self.log = log
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, timeout=120, **kwargs)
+
+
+def start_app(config: Path, workdir: Path, redis_url: str | None, **overrides) -> tuple:
+    """`serve run` a copy of `config` on a free HTTP port; returns (process, app, log file)."""
+    spec = yaml.safe_load(config.read_text())
+    port = free_port()
+    spec["http_options"] = {"host": "127.0.0.1", "port": port}
+    app_args = spec["applications"][0]["args"]
+    app_args.update(overrides)
+    db_path = workdir / "app.db"
+    cfg = workdir / "serve_config.yaml"
+    cfg.write_text(yaml.safe_dump(spec))
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL", "RAY_ADDRESS")
+    }
+    env["DATABASE_URL"] = f"sqlite+aiosqlite:///{db_path}"
+    env["HF_HUB_OFFLINE"] = "1"
+    env["RAY_ADDRESS"] = "local"  # a private cluster, never one the developer is running
+    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if redis_url:
+        env["REDIS_URL"] = redis_url
+    log = workdir / "serve.log"
+    serve_bin = Path(sys.executable).parent / "serve"
+    proc = subprocess.Popen(
+        [str(serve_bin), "run", str(cfg)],
+        cwd=workdir,
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    app = RunningApp(f"http://127.0.0.1:{port}", db_path, redis_url, log)
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            stop_app(proc)
+            raise RuntimeError(f"serve run exited early:\n{log.read_text()[-4000:]}")
+        try:
+            r = httpx.get(f"{app.base_url}/healthz", timeout=5)
+            body = r.json()
+            last = body
+            if r.status_code == 200 and body["generator"]["status"] == "ok" and (
+                body["database"]["status"] == "ok"
+            ):
+                return proc, app
+        except (httpx.HTTPError, ValueError, KeyError):
+            pass
+        time.sleep(1)
+    stop_app(proc)
+    raise RuntimeError(f"app not healthy in {STARTUP_TIMEOUT_S}s ({last}):\n{log.read_text()[-4000:]}")
+
+
+def stop_app(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)  # serve run shuts Serve and its local Ray down
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def tiny_app(tmp_path_factory, redis_server):
+    """The real app from configs/tiny.yaml, started once per test session."""
+    workdir = tmp_path_factory.mktemp("tiny-app")
+    proc, app = start_app(ROOT / "configs" / "tiny.yaml", workdir, redis_server.url)
+    try:
+        yield app
+    finally:
+        stop_app(proc)

@@ -1,0 +1,95 @@
+"""The decoding loop on a real (tiny, random-weight) GPT-2: per-row parameters inside one batch
+give each caller exactly what a lone request would."""
+
+import pytest
+
+from serve_app.config import ModelSpec
+from serve_app.domain import GenerationRequest, GenerationResult, SamplingParams
+from serve_app.engine import BatchDecoder
+from serve_app.errors import InvalidRequestError, PromptTooLongError
+from serve_app.registry import load_model, resolve_model
+
+
+@pytest.fixture(scope="module")
+def decoder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("standins")
+    spec = ModelSpec(id="tiny-test", architecture="tiny", seed=7)
+    info = resolve_model(spec, root, hub_timeout_s=1.0, offline=True)
+    return BatchDecoder(load_model(spec, info, root))
+
+
+def req(prompt="The quick brown fox", model="tiny-test", **params) -> GenerationRequest:
+    return GenerationRequest(model, prompt, SamplingParams(**params))
+
+
+def lone(decoder, request) -> GenerationResult:
+    (result,) = decoder.generate([request])
+    assert isinstance(result, GenerationResult), result
+    return result
+
+
+def test_greedy_is_deterministic(decoder):
+    a = lone(decoder, req(max_new_tokens=20))
+    b = lone(decoder, req(max_new_tokens=20))
+    assert a.completion == b.completion and a.completion_tokens == b.completion_tokens
+    assert a.generated_text == "The quick brown fox" + a.completion
+
+
+def test_budget_max_new_tokens_and_max_length(decoder):
+    r = lone(decoder, req(max_new_tokens=9))
+    assert r.completion_tokens == 9 or r.finish_reason == "stop"
+    r = lone(decoder, req(max_length=r.prompt_tokens + 4))
+    assert r.completion_tokens == 4 or r.finish_reason == "stop"
+    r = lone(decoder, req(max_new_tokens=3, max_length=100))  # max_new_tokens wins
+    assert r.completion_tokens <= 3
+
+
+def test_batch_with_mixed_parameters_equals_lone_requests(decoder):
+    batch = [
+        req("Hello there", max_new_tokens=12),
+        req("A much longer prompt that needs padding on the left side", max_new_tokens=5),
+        req("Sampling with a seed", temperature=0.9, seed=123, max_new_tokens=16),
+        req("Sampling with a seed", temperature=1.3, top_p=0.8, seed=5, max_new_tokens=16),
+        req("Short", max_new_tokens=1),
+        req("Hello there", max_length=20),
+    ]
+    together = decoder.generate(batch)
+    for request, batched in zip(batch, together, strict=True):
+        alone = lone(decoder, request)
+        assert batched.completion == alone.completion, request
+        assert batched.completion_tokens == alone.completion_tokens
+        assert batched.prompt_tokens == alone.prompt_tokens
+
+
+def test_seeded_sampling_repeats_and_unseeded_varies(decoder):
+    seeded = req(temperature=1.0, seed=42, max_new_tokens=24)
+    assert lone(decoder, seeded).completion == lone(decoder, seeded).completion
+    unseeded = req(temperature=1.0, max_new_tokens=24)
+    outs = {lone(decoder, unseeded).completion for _ in range(4)}
+    assert len(outs) > 1
+    greedy = lone(decoder, req(max_new_tokens=24)).completion
+    assert lone(decoder, req(temperature=1.0, seed=1, max_new_tokens=24)).completion != greedy
+
+
+def test_row_errors_stay_with_their_row(decoder):
+    too_long = "word " * 600  # > 512 positions of the tiny architecture
+    results = decoder.generate(
+        [req(max_new_tokens=4), req(too_long, max_new_tokens=4), req(max_length=2)]
+    )
+    assert isinstance(results[0], GenerationResult)
+    assert isinstance(results[1], PromptTooLongError)
+    assert isinstance(results[2], InvalidRequestError)
+
+
+def test_stream_drops_finished_rows_and_ids_stay_in_vocab(decoder):
+    rows, errors = decoder.prepare(
+        [req(max_new_tokens=2), req(max_new_tokens=6), req(temperature=1.0, max_new_tokens=6)]
+    )
+    assert not errors
+    steps = list(decoder.stream(rows))
+    assert [len(step) for step in steps][:2] == [3, 3]
+    assert len(steps) <= 6
+    assert all(len(step) <= 2 for step in steps[2:])  # the 2-token row left the batch
+    for step in steps:
+        for event in step:
+            assert event.token_id is None or 0 <= event.token_id < decoder.vocab_limit
