@@ -1,9 +1,10 @@
 """The Ingress deployment: FastAPI routes that translate HTTP into calls on the service.
 
+No postponed annotations here: FastAPI must see the real types through Ray's ingress wrapper.
+
 Wire types live in `schemas`, the request logic in `service`, error mapping in `http_errors`.
 """
 
-from __future__ import annotations
 
 import asyncio
 import logging

@@ -30,10 +30,16 @@ from serve_app.errors import ModelUnavailableError
 
 logger = logging.getLogger(__name__)
 
-STANDIN_VERSION = 1
+STANDIN_VERSION = 2
 """Bump whenever the recipe (corpus, tokenizer training, weight init) changes: it is part of
 every stand-in's directory name and revision, so stale builds and cache entries are not
 reused."""
+
+INIT_STD = 0.2
+"""Weight init std of stand-ins. GPT-2's own 0.02 makes a random model's residual stream
+little more than the input embedding; with tied embeddings greedy decoding then just echoes the
+last prompt token ("fox fox fox"), for every seed. At 0.2 the text depends on the context and the
+seed, so tests comparing outputs (determinism, batching, model switching) can actually fail."""
 
 EOS_TOKEN = "<|endoftext|>"
 MARKER_FILE = "standin.json"
@@ -289,7 +295,10 @@ def _build_standin(
         tokenizer.save_pretrained(tmp)
         with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream alone
             torch.manual_seed(seed)
-            model = GPT2LMHeadModel(GPT2Config(**kwargs, bos_token_id=eos_id, eos_token_id=eos_id))
+            config = GPT2Config(
+                **kwargs, initializer_range=INIT_STD, bos_token_id=eos_id, eos_token_id=eos_id
+            )
+            model = GPT2LMHeadModel(config)
         model.save_pretrained(tmp)  # safetensors: the only format in transformers 5
         marker = {
             "arch": arch,
