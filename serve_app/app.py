@@ -44,7 +44,5 @@ DEFAULT_DEPLOYMENT_OPTIONS: dict[str, dict[str, Any]] = {
 def build_app(args: AppArgs) -> Application:
     args = resolve_args(args)
     generator = Generator.options(**DEFAULT_DEPLOYMENT_OPTIONS["Generator"]).bind(args)
-    store = Persistence.options(**DEFAULT_DEPLOYMENT_OPTIONS["Persistence"]).bind(
-        args.database_url
-    )
+    store = Persistence.options(**DEFAULT_DEPLOYMENT_OPTIONS["Persistence"]).bind(args.database_url)
     return Ingress.options(**DEFAULT_DEPLOYMENT_OPTIONS["Ingress"]).bind(args, generator, store)

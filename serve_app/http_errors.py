@@ -17,9 +17,7 @@ from serve_app.errors import ServeError
 logger = logging.getLogger("ray.serve")
 
 
-def error_response(
-    status: int, error_type: str, message: str, **extra: Any
-) -> JSONResponse:
+def error_response(status: int, error_type: str, message: str, **extra: Any) -> JSONResponse:
     body: dict[str, Any] = {"type": error_type, "message": message}
     body.update({k: v for k, v in extra.items() if v is not None})
     return JSONResponse(status_code=status, content={"error": body})
@@ -62,7 +60,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        error_type = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        error_type = {404: "not_found", 405: "method_not_allowed"}.get(
+            exc.status_code, "http_error"
+        )
         return error_response(exc.status_code, error_type, str(exc.detail))
 
     @app.exception_handler(ServeError)

@@ -5,7 +5,6 @@ No postponed annotations here: FastAPI must see the real types through Ray's ing
 Wire types live in `schemas`, the request logic in `service`, error mapping in `http_errors`.
 """
 
-
 import asyncio
 import logging
 from typing import Annotated, Any
@@ -96,18 +95,14 @@ def to_record(stored: StoredGeneration) -> GenerationRecord:
         created_at=stored.to_dict()["created_at"],
         cached=stored.cached,
         user_id=stored.user_id,
-        usage=Usage(
-            prompt_tokens=stored.prompt_tokens, completion_tokens=stored.completion_tokens
-        ),
+        usage=Usage(prompt_tokens=stored.prompt_tokens, completion_tokens=stored.completion_tokens),
     )
 
 
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
-    def __init__(
-        self, args: AppArgs, generator: DeploymentHandle, store: DeploymentHandle
-    ) -> None:
+    def __init__(self, args: AppArgs, generator: DeploymentHandle, store: DeploymentHandle) -> None:
         from pathlib import Path as FsPath
 
         self.args = args

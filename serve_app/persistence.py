@@ -16,7 +16,7 @@ from typing import Any
 
 from ray import serve
 
-from serve_app.store import NewGeneration, StoredGeneration, Store
+from serve_app.store import NewGeneration, Store, StoredGeneration
 
 logger = logging.getLogger("ray.serve")
 
@@ -42,9 +42,7 @@ class Persistence:
         return await self._record_group(rows)
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
-    async def _record_group(
-        self, calls: list[list[NewGeneration]]
-    ) -> list[list[StoredGeneration]]:
+    async def _record_group(self, calls: list[list[NewGeneration]]) -> list[list[StoredGeneration]]:
         store = await self._store()
         flat = [row for rows in calls for row in rows]
         stored = await store.insert_many(flat)  # one transaction for every caller in the group

@@ -68,26 +68,19 @@ class EmbeddedRedis:
         last_error = "not started"
         for _ in range(attempts):
             port = _free_port()
+            options = {
+                "port": port,
+                "bind": "127.0.0.1",
+                "save": "",  # a cache: no RDB snapshots, no AOF, nothing on disk
+                "appendonly": "no",
+                "dir": tempfile.gettempdir(),
+                "maxmemory": self.maxmemory,
+                "maxmemory-policy": "allkeys-lru",
+                "loglevel": "warning",
+            }
+            argv = [self.binary] + [a for k, v in options.items() for a in (f"--{k}", str(v))]
             self.process = subprocess.Popen(
-                [
-                    self.binary,
-                    "--port",
-                    str(port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--dir",
-                    tempfile.gettempdir(),  # nothing is written: no RDB, no AOF
-                    "--maxmemory",
-                    self.maxmemory,
-                    "--maxmemory-policy",
-                    "allkeys-lru",
-                    "--loglevel",
-                    "warning",
-                ],  # fmt: skip
+                argv,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 preexec_fn=_die_with_parent if os.name == "posix" else None,

@@ -85,15 +85,19 @@ def start_app(config: Path, workdir: Path, redis_url: str | None, **overrides) -
             r = httpx.get(f"{app.base_url}/healthz", timeout=5)
             body = r.json()
             last = body
-            if r.status_code == 200 and body["generator"]["status"] == "ok" and (
-                body["database"]["status"] == "ok"
+            if (
+                r.status_code == 200
+                and body["generator"]["status"] == "ok"
+                and (body["database"]["status"] == "ok")
             ):
                 return proc, app
         except (httpx.HTTPError, ValueError, KeyError):
             pass
         time.sleep(1)
     stop_app(proc)
-    raise RuntimeError(f"app not healthy in {STARTUP_TIMEOUT_S}s ({last}):\n{log.read_text()[-4000:]}")
+    raise RuntimeError(
+        f"app not healthy in {STARTUP_TIMEOUT_S}s ({last}):\n{log.read_text()[-4000:]}"
+    )
 
 
 def stop_app(proc: subprocess.Popen) -> None:

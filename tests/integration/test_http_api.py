@@ -125,7 +125,9 @@ def test_history_pagination_and_filters(client):
     user = unique("pager")
     made = []
     for _ in range(3):
-        made += generate(client, prompts=[unique("h1"), unique("h2")], user_id=user, max_new_tokens=2)
+        made += generate(
+            client, prompts=[unique("h1"), unique("h2")], user_id=user, max_new_tokens=2
+        )
     made += generate(client, prompts=[unique("h3")], user_id=user, model="tiny-b", max_new_tokens=2)
     seen, cursor, pages = [], None, 0
     while True:
@@ -166,7 +168,14 @@ def test_records_are_in_the_sqlite_file(client, tiny_app):
             (rec["id"],),
         ).fetchone()
         mode = db.execute("PRAGMA journal_mode").fetchone()[0]
-    assert row == (prompt, rec["generated_text"], "tiny-a", user, 0, rec["usage"]["completion_tokens"])
+    assert row == (
+        prompt,
+        rec["generated_text"],
+        "tiny-a",
+        user,
+        0,
+        rec["usage"]["completion_tokens"],
+    )
     assert mode == "wal"
 
 
@@ -221,7 +230,9 @@ def test_unknown_model_lists_valid_ids(client):
 
 
 def test_bad_json_is_a_400(client):
-    r = client.post("/generate", content=b'{"prompts": [', headers={"content-type": "application/json"})
+    r = client.post(
+        "/generate", content=b'{"prompts": [', headers={"content-type": "application/json"}
+    )
     assert_error(r, 400, "invalid_json")
     assert_error(client.get("/no-such-route"), 404)
 
