@@ -60,6 +60,11 @@ class Generator:
         self.max_batch_seen = 0
         self.tokens_generated = 0
 
+        from serve_app.registry import prepare_model
+
+        for spec in args.models:  # stand-in checkpoints are built once, before serving
+            prepare_model(spec, self._standin_dir, args.hub_timeout_s, args.offline)
+
         # The LRU size is configuration, so the multiplexed loader is created per instance.
         async def load_model(model_id: str) -> ResidentModel:
             return await self._load(model_id)

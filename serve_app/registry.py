@@ -123,6 +123,17 @@ def resolve_model(
     return outcome
 
 
+def prepare_model(
+    spec: ModelSpec, standin_dir: Path, hub_timeout_s: float, offline: bool
+) -> ModelInfo:
+    """Resolve, and build the stand-in on disk if that is what will be served (blocking), so
+    a replica pays the one-time build at start-up rather than on a user's first request."""
+    info = resolve_model(spec, standin_dir, hub_timeout_s, offline)
+    if info.kind == "standin":
+        standin.ensure_standin(spec.architecture, spec.seed, spec.n_layer, standin_dir)
+    return info
+
+
 def clear_resolution_cache() -> None:
     """Forget every memoised resolution (tests; operators after replacing a checkpoint)."""
     with _resolved_lock:

@@ -351,3 +351,16 @@ def test_resolutions_are_memoised_per_offline_flag(standin_root, tiny_checkpoint
     assert resolve_model(model_spec, standin_root, 1.0, offline=False).kind == "standin"
     registry.clear_resolution_cache()
     assert resolve_model(model_spec, standin_root, 1.0, offline=True).kind == "standin"
+
+
+def test_prepare_builds_the_standin_once_and_only_for_standins(standin_root, tiny_checkpoint):
+    from serve_app.registry import prepare_model
+
+    spec = ModelSpec(id="p", architecture="tiny", seed=11)
+    info = prepare_model(spec, standin_root, hub_timeout_s=1.0, offline=True)
+    assert info.kind == "standin"
+    assert (Path(info.location) / "standin.json").exists()
+    before = {p.name for p in standin_root.iterdir()}
+    local = ModelSpec(id="l", source=str(tiny_checkpoint), architecture="tiny", seed=99)
+    assert prepare_model(local, standin_root, hub_timeout_s=1.0, offline=True).kind == "local"
+    assert {p.name for p in standin_root.iterdir()} == before  # nothing built for a real model
