@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
+from transformers import DynamicCache
 
 from serve_app.domain import (
     FinishReason,
@@ -114,64 +115,19 @@ class BatchDecoder:
             chosen[j] = int(torch.multinomial(probs, 1, generator=row.rng).item())
         return chosen
 
-    @torch.inference_mode()
+    def prefill(self, rows: list[_Row]) -> DecodeBatch:
+        """A new batch holding `rows`, their prompts run through the model once."""
+        batch = DecodeBatch(self)
+        batch.admit(rows)
+        return batch
+
     def stream(self, rows: list[_Row]) -> Iterator[list[StepEvent]]:
         """Decode `rows` together, yielding each step's new tokens as they are produced."""
         if not rows:
             return
-        width = max(len(r.prompt_ids) for r in rows)
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, row in enumerate(rows):
-            n = len(row.prompt_ids)
-            input_ids[j, width - n :] = torch.tensor(row.prompt_ids)
-            attention[j, width - n :] = 1
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
-
-        out = self.model(
-            input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True
-        )
-        cache = out.past_key_values
-        logits = out.logits[:, -1, :]
-        last_pos = positions[:, -1]
-        active = list(rows)
-
-        while True:
-            chosen = self._choose(logits, active)
-            events: list[StepEvent] = []
-            keep: list[int] = []
-            for j, (row, token) in enumerate(zip(active, chosen, strict=True)):
-                if token == self.eos_id:
-                    row.finish = "stop"
-                    events.append(StepEvent(row.index, None, "stop"))
-                    continue
-                row.tokens.append(token)
-                if len(row.tokens) >= row.budget:
-                    row.finish = "length"
-                events.append(StepEvent(row.index, token, row.finish))
-                if row.finish is None:
-                    keep.append(j)
-            yield events
-            if not keep:
-                return
-            if len(keep) < len(active):
-                index = torch.tensor(keep, dtype=torch.long)
-                cache.batch_select_indices(index)
-                attention = attention.index_select(0, index)
-                last_pos = last_pos.index_select(0, index)
-                active = [active[j] for j in keep]
-            next_ids = torch.tensor([[row.tokens[-1]] for row in active], dtype=torch.long)
-            attention = torch.cat([attention, attention.new_ones((len(active), 1))], dim=-1)
-            last_pos = last_pos + 1
-            out = self.model(
-                input_ids=next_ids,
-                attention_mask=attention,
-                position_ids=last_pos.unsqueeze(-1),
-                past_key_values=cache,
-                use_cache=True,
-            )
-            cache = out.past_key_values
-            logits = out.logits[:, -1, :]
+        batch = self.prefill(rows)
+        while batch.rows:
+            yield batch.step()
 
     def generate(
         self, requests: Sequence[GenerationRequest]
@@ -182,22 +138,159 @@ class BatchDecoder:
         for _ in self.stream(rows):
             pass
         elapsed_ms = (time.perf_counter() - start) * 1000
-        info = self.loaded.info
         results: list[GenerationResult | ServeError] = [None] * len(requests)  # type: ignore[list-item]
         for i, exc in errors.items():
             results[i] = exc
         for row in rows:
-            request = requests[row.index]
-            results[row.index] = GenerationResult(
-                model_id=request.model_id,
-                prompt=request.prompt,
-                completion=self.tokenizer.decode(row.tokens, skip_special_tokens=True),
-                prompt_tokens=len(row.prompt_ids),
-                completion_tokens=len(row.tokens),
-                finish_reason=row.finish or "length",
-                model_source=info.location,
-                model_revision=info.revision,
-                real_weights=info.real_weights,
-                generation_ms=elapsed_ms,
-            )
+            results[row.index] = self.result(requests[row.index], row, elapsed_ms)
         return results
+
+    def result(self, request: GenerationRequest, row: _Row, elapsed_ms: float) -> GenerationResult:
+        info = self.loaded.info
+        return GenerationResult(
+            model_id=request.model_id,
+            prompt=request.prompt,
+            completion=self.tokenizer.decode(row.tokens, skip_special_tokens=True),
+            prompt_tokens=len(row.prompt_ids),
+            completion_tokens=len(row.tokens),
+            finish_reason=row.finish or "length",
+            model_source=info.location,
+            model_revision=info.revision,
+            real_weights=info.real_weights,
+            generation_ms=elapsed_ms,
+        )
+
+
+class DecodeBatch:
+    """Rows decoding together, at iteration level: a row joins after its own prefill, at a step
+    boundary, and leaves as soon as it is done. Left padding keeps every row's tokens aligned at
+    the right edge of one KV cache; columns no row needs any more are trimmed away.
+
+    Not thread-safe: one thread drives a batch.
+    """
+
+    def __init__(self, decoder: BatchDecoder) -> None:
+        self.decoder = decoder
+        self.rows: list[_Row] = []
+        self._keys: list[torch.Tensor] = []  # per layer, [rows, heads, time, head_dim]
+        self._values: list[torch.Tensor] = []
+        self._attention = torch.zeros((0, 0), dtype=torch.long)
+        self._last_pos = torch.zeros((0,), dtype=torch.long)
+        self._logits: torch.Tensor | None = None  # next-token logits of every row
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @torch.inference_mode()
+    def admit(self, rows: list[_Row]) -> None:
+        """Run the new rows' prompts (one left-padded forward pass) and merge them in."""
+        if not rows:
+            return
+        width = max(len(r.prompt_ids) for r in rows)
+        input_ids = torch.full((len(rows), width), self.decoder.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, row in enumerate(rows):
+            n = len(row.prompt_ids)
+            input_ids[j, width - n :] = torch.tensor(row.prompt_ids)
+            attention[j, width - n :] = 1
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        out = self.decoder.model(
+            input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True
+        )
+        keys = [layer.keys for layer in out.past_key_values.layers]
+        values = [layer.values for layer in out.past_key_values.layers]
+        logits = out.logits[:, -1, :]
+        if not self.rows:
+            self._keys, self._values, self._attention = keys, values, attention
+            self._last_pos, self._logits = positions[:, -1], logits
+        else:
+            total = max(self._attention.shape[1], width)
+            self._keys = _merge(self._keys, keys, total)
+            self._values = _merge(self._values, values, total)
+            self._attention = torch.cat(
+                [_left_pad(self._attention, total), _left_pad(attention, total)]
+            )
+            self._last_pos = torch.cat([self._last_pos, positions[:, -1]])
+            self._logits = torch.cat([self._logits, logits])
+        self.rows.extend(rows)
+
+    @torch.inference_mode()
+    def step(self) -> list[StepEvent]:
+        """Choose every row's next token, retire finished rows, run one forward pass."""
+        decoder = self.decoder
+        chosen = decoder._choose(self._logits, self.rows)
+        events: list[StepEvent] = []
+        keep: list[int] = []
+        for j, (row, token) in enumerate(zip(self.rows, chosen, strict=True)):
+            if token == decoder.eos_id:
+                row.finish = "stop"
+                events.append(StepEvent(row.index, None, "stop"))
+                continue
+            row.tokens.append(token)
+            if len(row.tokens) >= row.budget:
+                row.finish = "length"
+            events.append(StepEvent(row.index, token, row.finish))
+            if row.finish is None:
+                keep.append(j)
+        self._retain(keep)
+        if self.rows:
+            self._forward()
+        return events
+
+    def drop(self, rows: list[_Row]) -> None:
+        """Stop decoding these rows (their callers went away)."""
+        gone = {id(r) for r in rows}
+        self._retain([j for j, r in enumerate(self.rows) if id(r) not in gone])
+
+    def _retain(self, keep: list[int]) -> None:
+        if len(keep) == len(self.rows):
+            return
+        if not keep:
+            self.__init__(self.decoder)  # empty: release the cache
+            return
+        index = torch.tensor(keep, dtype=torch.long)
+        self.rows = [self.rows[j] for j in keep]
+        self._attention = self._attention.index_select(0, index)
+        self._last_pos = self._last_pos.index_select(0, index)
+        self._logits = self._logits.index_select(0, index)
+        # Columns only retired rows attended to would cost every later step: cut them.
+        start = int(self._attention.any(dim=0).nonzero()[0])
+        self._keys = [k.index_select(0, index)[:, :, start:] for k in self._keys]
+        self._values = [v.index_select(0, index)[:, :, start:] for v in self._values]
+        self._attention = self._attention[:, start:]
+
+    def _forward(self) -> None:
+        next_ids = torch.tensor([[row.tokens[-1]] for row in self.rows], dtype=torch.long)
+        self._attention = torch.cat(
+            [self._attention, self._attention.new_ones((len(self.rows), 1))], dim=-1
+        )
+        self._last_pos = self._last_pos + 1
+        cache = DynamicCache(ddp_cache_data=list(zip(self._keys, self._values, strict=True)))
+        out = self.decoder.model(
+            input_ids=next_ids,
+            attention_mask=self._attention,
+            position_ids=self._last_pos.unsqueeze(-1),
+            past_key_values=cache,
+            use_cache=True,
+        )
+        self._keys = [layer.keys for layer in out.past_key_values.layers]
+        self._values = [layer.values for layer in out.past_key_values.layers]
+        self._logits = out.logits[:, -1, :]
+
+
+def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Zero-pad the time axis (dim 2 of a KV tensor, dim 1 of a mask) on the left to `width`."""
+    axis = 2 if t.dim() == 4 else 1
+    missing = width - t.shape[axis]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[axis] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=axis)
+
+
+def _merge(old: list[torch.Tensor], new: list[torch.Tensor], width: int) -> list[torch.Tensor]:
+    """Stack two batches' per-layer KV tensors, both left-padded to `width` time steps."""
+    return [
+        torch.cat([_left_pad(a, width), _left_pad(b, width)]) for a, b in zip(old, new, strict=True)
+    ]
