@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.stamp-install
 
-.PHONY: install run run-tiny test test-unit lint load bench clean
+.PHONY: install run run-tiny test test-unit lint load bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,13 @@ USERS ?= 16
 TIME  ?= 60s
 load: install
 	$(BIN)/locust -f loadtests/locustfile.py --headless -u $(USERS) -r $(USERS) -t $(TIME) --host $(HOST)
+
+# Batching benchmark: raw generate() vs the service, batching on/off, dtypes, mixed lengths.
+bench: install
+	$(BIN)/python loadtests/bench_batching.py
+
+bench-quick: install
+	$(BIN)/python loadtests/bench_batching.py --quick
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .ruff_cache *.egg-info

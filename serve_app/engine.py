@@ -172,8 +172,9 @@ class DecodeBatch:
     def __init__(self, decoder: BatchDecoder) -> None:
         self.decoder = decoder
         self.rows: list[_Row] = []
-        self._keys: list[torch.Tensor] = []  # per layer, [rows, heads, time, head_dim]
-        self._values: list[torch.Tensor] = []
+        # One cache for the batch's lifetime: the model appends to it in place each step; it is
+        # only edited (rows stacked in, retired rows and dead columns cut out) when rows change.
+        self._cache: DynamicCache | None = None  # per layer [rows, heads, time, head_dim]
         self._attention = torch.zeros((0, 0), dtype=torch.long)
         self._last_pos = torch.zeros((0,), dtype=torch.long)
         self._logits: torch.Tensor | None = None  # next-token logits of every row
@@ -195,18 +196,21 @@ class DecodeBatch:
             attention[j, width - n :] = 1
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         out = self.decoder.model(
-            input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True
+            input_ids=input_ids,
+            attention_mask=attention,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,  # only the last position's logits: the LM head is 40% of GPT-2
         )
-        keys = [layer.keys for layer in out.past_key_values.layers]
-        values = [layer.values for layer in out.past_key_values.layers]
         logits = out.logits[:, -1, :]
         if not self.rows:
-            self._keys, self._values, self._attention = keys, values, attention
+            self._cache, self._attention = out.past_key_values, attention
             self._last_pos, self._logits = positions[:, -1], logits
         else:
             total = max(self._attention.shape[1], width)
-            self._keys = _merge(self._keys, keys, total)
-            self._values = _merge(self._values, values, total)
+            for mine, theirs in zip(self._cache.layers, out.past_key_values.layers, strict=True):
+                mine.keys = _stack(mine.keys, theirs.keys, total)
+                mine.values = _stack(mine.values, theirs.values, total)
             self._attention = torch.cat(
                 [_left_pad(self._attention, total), _left_pad(attention, total)]
             )
@@ -255,8 +259,9 @@ class DecodeBatch:
         self._logits = self._logits.index_select(0, index)
         # Columns only retired rows attended to would cost every later step: cut them.
         start = int(self._attention.any(dim=0).nonzero()[0])
-        self._keys = [k.index_select(0, index)[:, :, start:] for k in self._keys]
-        self._values = [v.index_select(0, index)[:, :, start:] for v in self._values]
+        for layer in self._cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+            layer.values = layer.values.index_select(0, index)[:, :, start:]
         self._attention = self._attention[:, start:]
 
     def _forward(self) -> None:
@@ -265,16 +270,13 @@ class DecodeBatch:
             [self._attention, self._attention.new_ones((len(self.rows), 1))], dim=-1
         )
         self._last_pos = self._last_pos + 1
-        cache = DynamicCache(ddp_cache_data=list(zip(self._keys, self._values, strict=True)))
         out = self.decoder.model(
             input_ids=next_ids,
             attention_mask=self._attention,
             position_ids=self._last_pos.unsqueeze(-1),
-            past_key_values=cache,
+            past_key_values=self._cache,
             use_cache=True,
         )
-        self._keys = [layer.keys for layer in out.past_key_values.layers]
-        self._values = [layer.values for layer in out.past_key_values.layers]
         self._logits = out.logits[:, -1, :]
 
 
@@ -289,8 +291,6 @@ def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
     return torch.cat([t.new_zeros(shape), t], dim=axis)
 
 
-def _merge(old: list[torch.Tensor], new: list[torch.Tensor], width: int) -> list[torch.Tensor]:
-    """Stack two batches' per-layer KV tensors, both left-padded to `width` time steps."""
-    return [
-        torch.cat([_left_pad(a, width), _left_pad(b, width)]) for a, b in zip(old, new, strict=True)
-    ]
+def _stack(old: torch.Tensor, new: torch.Tensor, width: int) -> torch.Tensor:
+    """Stack two batches' KV tensors of one layer, both left-padded to `width` time steps."""
+    return torch.cat([_left_pad(old, width), _left_pad(new, width)])

@@ -148,9 +148,7 @@ class Generator:
         info = await loop.run_in_executor(
             None, resolve_model, spec, self._standin_dir, self.args.hub_timeout_s, offline
         )
-        loaded = await loop.run_in_executor(
-            self._loader, load_model, spec, info, self._standin_dir
-        )
+        loaded = await loop.run_in_executor(self._loader, load_model, spec, info, self._standin_dir)
         self.loads[model_id] += 1
         self.resident.append(model_id)
         self.metrics.model_loaded(model_id, time.perf_counter() - started)
@@ -204,6 +202,7 @@ class Generator:
             "evictions": self.evictions,
             "max_batch_size": self._scheduler.max_batch_size,
             "queued": self._scheduler.queued,
+            "active_rows": self._scheduler.active,
             **self._scheduler.stats.snapshot(),
         }
 

@@ -107,6 +107,11 @@ class Scheduler:
         with self._lock:
             return len(self._pending)
 
+    @property
+    def active(self) -> int:
+        """Rows decoding now (read from another thread: a momentary figure)."""
+        return sum(len(batch) for batch, _ in list(self._running.values()))
+
     # -- decode thread ----------------------------------------------------------------------
     def _loop(self) -> None:
         while not self._stopped:
