@@ -71,8 +71,20 @@ class GeneratorOptions(_Strict):
 class BatchingConfig(_Strict):
     """The generator's `user_config`: applied live in `reconfigure()`, no restart."""
 
-    max_batch_size: int = Field(default=16, ge=1, le=256)
-    batch_wait_timeout_s: float = Field(default=0.01, ge=0.0, le=5.0)
+    max_batch_size: int = Field(
+        default=32,
+        ge=1,
+        le=256,
+        description="Most rows decoded together per model; 1 turns batching off. Keep the "
+        "deployment's max_ongoing_requests above it, or batches cannot fill.",
+    )
+    batch_wait_timeout_s: float = Field(
+        default=0.005,
+        ge=0.0,
+        le=5.0,
+        description="How long @serve.batch gathers arrivals before handing them to the decode "
+        "loop (which admits them at its next step): a lone request pays this once.",
+    )
 
 
 class CacheOptions(_Strict):
