@@ -119,6 +119,7 @@ async def closed_loop(
     model: str = "gpt2",
     lengths: list[int] | None = None,
     new_tokens: int = 32,
+    drain_s: float = 60.0,
 ) -> dict:
     """`users` clients each send one request at a time; measure inside [warmup, warmup+duration]."""
     rng = random.Random(users)
@@ -146,15 +147,25 @@ async def closed_loop(
                 done.append((finished, finished - sent, tokens, budget))
 
         tasks = [asyncio.create_task(user(i)) for i in range(users)]
-        await asyncio.sleep(max(0.0, window[1] - time.perf_counter()))
-        for t in tasks:  # requests still in flight belong to no window: abandon them
+        # Users stop sending at the window's end; requests in flight still finish (they overlap
+        # the window) unless that takes longer than `drain_s`.
+        _, late = await asyncio.wait(tasks, timeout=window[1] - time.perf_counter() + drain_s)
+        for t in late:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
         await wait_idle(client)
+    # Closed-loop users fall into lock-step rounds; counting whole requests that finish inside
+    # the window would quantise throughput to whole rounds. Each request's tokens are instead
+    # pro-rated by how much of its lifetime lies inside the window.
+    tokens = 0.0
+    for finished, latency, n, _ in done:
+        sent = finished - latency
+        overlap = min(finished, window[1]) - max(sent, window[0])
+        if overlap > 0:
+            tokens += n * overlap / latency
     inside = [d for d in done if window[0] <= d[0] <= window[1]]
     latencies = [d[1] for d in inside]
-    tokens = sum(d[2] for d in inside)
     result = {
         "users": users,
         "requests": len(inside),
@@ -162,6 +173,7 @@ async def closed_loop(
         "p50_s": pct(latencies, 0.50),
         "p95_s": pct(latencies, 0.95),
         "errors": len(errors),
+        "abandoned": len(late),
     }
     if lengths:
         result["by_length"] = {
@@ -203,6 +215,9 @@ async def current_max_batch(base_url: str) -> int:
 
 async def run_service(args, raw: dict, workdir: Path) -> dict:
     out: dict = {"on": {}, "off": {}, "dtype": {}, "mixed": None}
+    # A private cluster on loopback, started and stopped by this run: no dashboard token, so
+    # `serve deploy` can change user_config live as an operator would.
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     proc, app = start_app(ROOT / "configs" / "bench.yaml", workdir, None)
     cfg_path = workdir / "serve_config.yaml"
     try:

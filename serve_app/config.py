@@ -85,6 +85,21 @@ class BatchingConfig(_Strict):
         description="How long @serve.batch gathers arrivals before handing them to the decode "
         "loop (which admits them at its next step): a lone request pays this once.",
     )
+    admit_min_rows: int = Field(
+        default=8,
+        ge=1,
+        le=256,
+        description="While a model's batch is running, newcomers are held until this many (or "
+        "as many as there are free slots) can be prefilled together: a lone prefill costs "
+        "about a full forward pass, so one per arrival would eat the decode budget.",
+    )
+    admit_max_wait_s: float = Field(
+        default=0.25,
+        ge=0.0,
+        le=10.0,
+        description="Longest a newcomer is held for company before it is admitted anyway. An "
+        "idle model admits at once, so a lone request never waits.",
+    )
 
 
 class CacheOptions(_Strict):

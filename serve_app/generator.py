@@ -132,6 +132,8 @@ class Generator:
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         config = BatchingConfig.model_validate(user_config or {})
         self._scheduler.max_batch_size = config.max_batch_size
+        self._scheduler.admit_min_rows = config.admit_min_rows
+        self._scheduler.admit_max_wait_s = config.admit_max_wait_s
         self._admit.set_max_batch_size(config.max_batch_size)
         self._admit.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         logger.info("Generator batching: %s", config)

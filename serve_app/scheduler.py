@@ -53,15 +53,20 @@ class _Job:
 @dataclass
 class SchedulerStats:
     admitted: int = 0
+    prefills: int = 0  # admission groups (one prefill forward pass each)
     steps: int = 0
     step_rows: int = 0
     max_rows: int = 0
     tokens: int = 0
     queue_wait_s: float = 0.0
+    step_s: float = 0.0  # decode steps (forward passes)
+    admit_s: float = 0.0  # admissions: tokenising, prefill, merging into the batch
+    idle_s: float = 0.0  # nothing to decode
 
     def snapshot(self) -> dict[str, float | int]:
         return {
             "admitted_requests": self.admitted,
+            "prefills": self.prefills,
             "decode_steps": self.steps,
             "mean_rows_per_step": round(self.step_rows / self.steps, 2) if self.steps else 0.0,
             "max_rows_per_step": self.max_rows,
@@ -69,12 +74,23 @@ class SchedulerStats:
             "mean_queue_wait_ms": round(1000 * self.queue_wait_s / self.admitted, 2)
             if self.admitted
             else 0.0,
+            "busy_step_s": round(self.step_s, 3),
+            "busy_admit_s": round(self.admit_s, 3),
+            "idle_s": round(self.idle_s, 3),
         }
 
 
 class Scheduler:
-    def __init__(self, max_batch_size: int, observer: SchedulerObserver | None = None) -> None:
+    def __init__(
+        self,
+        max_batch_size: int,
+        observer: SchedulerObserver | None = None,
+        admit_min_rows: int = 1,
+        admit_max_wait_s: float = 0.0,
+    ) -> None:
         self.max_batch_size = max_batch_size
+        self.admit_min_rows = admit_min_rows
+        self.admit_max_wait_s = admit_max_wait_s
         self.observer = observer
         self.stats = SchedulerStats()
         self._pending: deque[_Job] = deque()
@@ -116,10 +132,14 @@ class Scheduler:
     def _loop(self) -> None:
         while not self._stopped:
             self._wake.clear()
+            started = time.perf_counter()
             self._admit()
+            self.stats.admit_s += time.perf_counter() - started
             active = [entry for entry in self._running.values() if entry[0].rows]
             if not active:
+                started = time.perf_counter()
                 self._wake.wait(timeout=1.0)
+                self.stats.idle_s += time.perf_counter() - started
                 continue
             for batch, jobs in active:
                 try:
@@ -135,46 +155,60 @@ class Scheduler:
                 del self._running[key]
 
     def _admit(self) -> None:
-        """Move pending jobs into their model's running batch while it has room."""
+        """Move pending jobs into their model's batch while it has room.
+
+        An idle model takes newcomers at once. A running one takes them in groups (at least
+        `admit_min_rows`, or as many as fit, or whatever has waited `admit_max_wait_s`): each
+        prefill is a forward pass over the model's weights, so prefilling arrivals one by one
+        would spend the decode budget on weight reads.
+        """
         with self._lock:
             if not self._pending:
                 return
             waiting, self._pending = self._pending, deque()
-        admit: dict[int, list[_Job]] = {}
-        held: deque[_Job] = deque()
+        now = time.perf_counter()
+        by_model: dict[int, list[_Job]] = {}
         for job in waiting:
-            key = id(job.decoder)
-            batch = self._batch_for(job.decoder)
-            if job.future.cancelled():
+            if not job.future.cancelled():
+                by_model.setdefault(id(job.decoder), []).append(job)
+        held: list[_Job] = []
+        for key, jobs in by_model.items():
+            batch = self._batch_for(jobs[0].decoder)
+            room = self.max_batch_size - len(batch)
+            enough = min(self.admit_min_rows, room)
+            overdue = now - jobs[0].submitted >= self.admit_max_wait_s
+            if room <= 0 or (batch.rows and len(jobs) < enough and not overdue):
+                held.extend(jobs)
                 continue
-            if len(batch) + len(admit.get(key, ())) < self.max_batch_size:
-                admit.setdefault(key, []).append(job)
-            else:
-                held.append(job)
+            held.extend(jobs[room:])
+            self._start(batch, self._running[key][1], jobs[:room])
         if held:
+            held.sort(key=lambda j: j.submitted)
             with self._lock:
                 self._pending.extendleft(reversed(held))  # keep arrival order
-        for key, jobs in admit.items():
-            batch, running = self._running[key]
-            rows, errors = jobs[0].decoder.prepare([j.request for j in jobs])
-            for i, exc in errors.items():
-                _resolve(jobs[i], exc)
-            now = time.perf_counter()
+
+    def _start(self, batch: DecodeBatch, running: dict[int, _Job], jobs: list[_Job]) -> None:
+        rows, errors = jobs[0].decoder.prepare([j.request for j in jobs])
+        for i, exc in errors.items():
+            _resolve(jobs[i], exc)
+        now = time.perf_counter()
+        for row in rows:
+            job = jobs[row.index]
+            job.row, job.admitted = row, now
+            running[id(row)] = job
+            wait = now - job.submitted
+            self.stats.admitted += 1
+            self.stats.queue_wait_s += wait
+            if self.observer:
+                self.observer.admitted(job.request.model_id, wait)
+        if rows:
+            self.stats.prefills += 1
+        try:
+            batch.admit(rows)
+        except Exception as exc:
+            logger.exception("prefill failed for %d requests", len(rows))
             for row in rows:
-                job = jobs[row.index]
-                job.row, job.admitted = row, now
-                running[id(row)] = job
-                wait = now - job.submitted
-                self.stats.admitted += 1
-                self.stats.queue_wait_s += wait
-                if self.observer:
-                    self.observer.admitted(job.request.model_id, wait)
-            try:
-                batch.admit(rows)
-            except Exception as exc:
-                logger.exception("prefill failed for %d requests", len(rows))
-                for row in rows:
-                    _resolve(running.pop(id(row)), RuntimeError(f"prefill failed: {exc!r}"))
+                _resolve(running.pop(id(row)), RuntimeError(f"prefill failed: {exc!r}"))
 
     def _batch_for(self, decoder: BatchDecoder) -> DecodeBatch:
         from serve_app.engine import DecodeBatch
@@ -197,6 +231,7 @@ class Scheduler:
         started = time.perf_counter()
         batch.step()
         elapsed = time.perf_counter() - started
+        self.stats.step_s += elapsed
         self.stats.steps += 1
         self.stats.step_rows += len(rows)
         self.stats.max_rows = max(self.stats.max_rows, len(rows))

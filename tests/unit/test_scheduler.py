@@ -107,3 +107,39 @@ async def test_capacity_changes_apply_live(decoders, scheduler):
     scheduler.max_batch_size = 1
     await asyncio.gather(*scheduler.submit(d1, [req(f"p{i}", max_new_tokens=3) for i in range(3)]))
     assert scheduler.stats.max_rows == 1
+
+
+async def test_newcomers_to_a_running_batch_are_prefilled_together(decoders):
+    d1, _ = decoders
+    s = Scheduler(max_batch_size=8, admit_min_rows=3, admit_max_wait_s=30.0)
+    try:
+        (long_future,) = s.submit(d1, [req("the long one", max_new_tokens=500)])
+        await until(lambda: s.stats.steps >= 2)
+        assert s.stats.prefills == 1  # an idle model admits at once
+        futures = []
+        for i in range(3):  # arrive one by one while the batch runs
+            futures += s.submit(d1, [req(f"newcomer {i}", max_new_tokens=2)])
+            await asyncio.sleep(0.005)
+        assert not long_future.done()  # the premise: they arrived while it ran
+        results = await asyncio.gather(*futures)
+        assert s.stats.prefills == 2  # the three joined in one prefill
+        for i, r in enumerate(results):
+            assert r.completion == lone(d1, req(f"newcomer {i}", max_new_tokens=2))
+        assert not long_future.done()
+    finally:
+        s.stop()
+
+
+async def test_a_held_newcomer_is_admitted_when_overdue(decoders):
+    d1, _ = decoders
+    s = Scheduler(max_batch_size=8, admit_min_rows=5, admit_max_wait_s=0.2)
+    try:
+        (long_future,) = s.submit(d1, [req("the long one", max_new_tokens=500)])
+        await until(lambda: s.stats.steps >= 2)
+        (alone,) = s.submit(d1, [req("alone", max_new_tokens=2)])
+        result = await alone
+        assert result.completion_tokens == 2
+        assert s.stats.queue_wait_s >= 0.2  # it was held for company, then let in
+        assert not long_future.done()
+    finally:
+        s.stop()
