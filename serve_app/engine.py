@@ -51,6 +51,8 @@ class BatchDecoder:
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
         self.model = loaded.model
+        self.body = loaded.model.base_model  # the transformer without the LM head
+        self.head = loaded.model.get_output_embeddings()
         self.tokenizer = loaded.tokenizer
         self.eos_id = loaded.eos_token_id
         self.pad_id = loaded.eos_token_id
@@ -114,6 +116,29 @@ class BatchDecoder:
                 probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
             chosen[j] = int(torch.multinomial(probs, 1, generator=row.rng).item())
         return chosen
+
+    def forward_last(
+        self,
+        input_ids: torch.Tensor,
+        attention: torch.Tensor,
+        positions: torch.Tensor,
+        cache: DynamicCache | None,
+    ) -> tuple[torch.Tensor, DynamicCache]:
+        """Logits of each row's last position, and the updated KV cache.
+
+        The LM head (40% of GPT-2's weights) runs on the last position only, and on a plain
+        [rows, hidden] matrix: `logits_to_keep` hands it a strided [rows, 1, hidden] view,
+        for which bf16 `linear` falls back to a batched matmul that copies the whole weight
+        once per row (measured: 3.6 s of a 3.9 s bf16 prefill of 32 rows).
+        """
+        out = self.body(
+            input_ids=input_ids,
+            attention_mask=attention,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        return self.head(out.last_hidden_state[:, -1, :]), out.past_key_values
 
     def prefill(self, rows: list[_Row]) -> DecodeBatch:
         """A new batch holding `rows`, their prompts run through the model once."""
@@ -195,20 +220,13 @@ class DecodeBatch:
             input_ids[j, width - n :] = torch.tensor(row.prompt_ids)
             attention[j, width - n :] = 1
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        out = self.decoder.model(
-            input_ids=input_ids,
-            attention_mask=attention,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,  # only the last position's logits: the LM head is 40% of GPT-2
-        )
-        logits = out.logits[:, -1, :]
+        logits, cache = self.decoder.forward_last(input_ids, attention, positions, None)
         if not self.rows:
-            self._cache, self._attention = out.past_key_values, attention
+            self._cache, self._attention = cache, attention
             self._last_pos, self._logits = positions[:, -1], logits
         else:
             total = max(self._attention.shape[1], width)
-            for mine, theirs in zip(self._cache.layers, out.past_key_values.layers, strict=True):
+            for mine, theirs in zip(self._cache.layers, cache.layers, strict=True):
                 mine.keys = _stack(mine.keys, theirs.keys, total)
                 mine.values = _stack(mine.values, theirs.values, total)
             self._attention = torch.cat(
@@ -270,14 +288,9 @@ class DecodeBatch:
             [self._attention, self._attention.new_ones((len(self.rows), 1))], dim=-1
         )
         self._last_pos = self._last_pos + 1
-        out = self.decoder.model(
-            input_ids=next_ids,
-            attention_mask=self._attention,
-            position_ids=self._last_pos.unsqueeze(-1),
-            past_key_values=self._cache,
-            use_cache=True,
+        self._logits, self._cache = self.decoder.forward_last(
+            next_ids, self._attention, self._last_pos.unsqueeze(-1), self._cache
         )
-        self._logits = out.logits[:, -1, :]
 
 
 def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
