@@ -119,13 +119,17 @@ class EmbeddedRedis:
 
     def stop(self) -> None:
         proc, self.process = self.process, None
-        if proc is not None and proc.poll() is None:
+        if proc is None:
+            return
+        if proc.poll() is None:
             proc.terminate()
             try:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
 
     def __enter__(self) -> EmbeddedRedis:
         self.start()
