@@ -19,6 +19,7 @@ from serve_app.redis_server import EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_S = 240
+ADMIN_TOKEN = "test-admin-token"  # enables DELETE /cache on the session app
 
 
 def free_port() -> int:
@@ -45,7 +46,13 @@ class RunningApp:
         return httpx.Client(base_url=self.base_url, timeout=120, **kwargs)
 
 
-def start_app(config: Path, workdir: Path, redis_url: str | None, **overrides) -> tuple:
+def start_app(
+    config: Path,
+    workdir: Path,
+    redis_url: str | None,
+    extra_env: dict[str, str] | None = None,
+    **overrides,
+) -> tuple:
     """`serve run` a copy of `config` on a free HTTP port; returns (process, app, log file)."""
     spec = yaml.safe_load(config.read_text())
     port = free_port()
@@ -56,7 +63,9 @@ def start_app(config: Path, workdir: Path, redis_url: str | None, **overrides) -
     cfg = workdir / "serve_config.yaml"
     cfg.write_text(yaml.safe_dump(spec))
     env = {
-        k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL", "RAY_ADDRESS")
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("REDIS_URL", "DATABASE_URL", "RAY_ADDRESS", "CACHE_ADMIN_TOKEN")
     }
     env["DATABASE_URL"] = f"sqlite+aiosqlite:///{db_path}"
     env["HF_HUB_OFFLINE"] = "1"
@@ -64,6 +73,7 @@ def start_app(config: Path, workdir: Path, redis_url: str | None, **overrides) -
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if redis_url:
         env["REDIS_URL"] = redis_url
+    env.update(extra_env or {})
     log = workdir / "serve.log"
     serve_bin = Path(sys.executable).parent / "serve"
     proc = subprocess.Popen(
@@ -114,7 +124,12 @@ def stop_app(proc: subprocess.Popen) -> None:
 def tiny_app(tmp_path_factory, redis_server):
     """The real app from configs/tiny.yaml, started once per test session."""
     workdir = tmp_path_factory.mktemp("tiny-app")
-    proc, app = start_app(ROOT / "configs" / "tiny.yaml", workdir, redis_server.url)
+    proc, app = start_app(
+        ROOT / "configs" / "tiny.yaml",
+        workdir,
+        redis_server.url,
+        extra_env={"CACHE_ADMIN_TOKEN": ADMIN_TOKEN},
+    )
     try:
         yield app
     finally:
