@@ -19,7 +19,6 @@ from serve_app.redis_server import EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_S = 240
-ADMIN_TOKEN = "test-admin-token"  # enables DELETE /cache on the session app
 
 
 def free_port() -> int:
@@ -46,13 +45,7 @@ class RunningApp:
         return httpx.Client(base_url=self.base_url, timeout=120, **kwargs)
 
 
-def start_app(
-    config: Path,
-    workdir: Path,
-    redis_url: str | None,
-    extra_env: dict[str, str] | None = None,
-    **overrides,
-) -> tuple:
+def start_app(config: Path, workdir: Path, redis_url: str | None, **overrides) -> tuple:
     """`serve run` a copy of `config` on a free HTTP port; returns (process, app, log file)."""
     spec = yaml.safe_load(config.read_text())
     port = free_port()
@@ -73,7 +66,6 @@ def start_app(
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if redis_url:
         env["REDIS_URL"] = redis_url
-    env.update(extra_env or {})
     log = workdir / "serve.log"
     serve_bin = Path(sys.executable).parent / "serve"
     proc = subprocess.Popen(
@@ -120,15 +112,17 @@ def stop_app(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+ADMIN_TOKEN = "test-admin-token"  # enables DELETE /cache on the session app
+
+
 @pytest.fixture(scope="session")
 def tiny_app(tmp_path_factory, redis_server):
     """The real app from configs/tiny.yaml, started once per test session."""
     workdir = tmp_path_factory.mktemp("tiny-app")
+    config = ROOT / "configs" / "tiny.yaml"
+    cache = yaml.safe_load(config.read_text())["applications"][0]["args"]["cache"]
     proc, app = start_app(
-        ROOT / "configs" / "tiny.yaml",
-        workdir,
-        redis_server.url,
-        extra_env={"CACHE_ADMIN_TOKEN": ADMIN_TOKEN},
+        config, workdir, redis_server.url, cache={**cache, "admin_token": ADMIN_TOKEN}
     )
     try:
         yield app
