@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -48,13 +48,7 @@ class TtlLru(Generic[V]):
     def __len__(self) -> int:
         return len(self._data)
 
-    def __contains__(self, key: str) -> bool:
-        return self.get(key, touch=False) is not None
-
-    def keys(self) -> Iterator[str]:
-        return iter(list(self._data))
-
-    def get(self, key: str, touch: bool = True) -> V | None:
+    def get(self, key: str) -> V | None:
         entry = self._data.get(key)
         if entry is None:
             return None
@@ -62,8 +56,7 @@ class TtlLru(Generic[V]):
             self._remove(key)
             self.expirations += 1
             return None
-        if touch:
-            self._data.move_to_end(key)
+        self._data.move_to_end(key)
         return entry.value
 
     def put(self, key: str, value: V, size: int, ttl_s: float) -> bool:
@@ -80,10 +73,6 @@ class TtlLru(Generic[V]):
     def resize(self, max_entries: int, max_bytes: int) -> None:
         self.max_entries, self.max_bytes = max_entries, max_bytes
         self._shrink(max_entries, max_bytes)
-
-    def pop(self, key: str) -> V | None:
-        entry = self._remove(key)
-        return None if entry is None else entry.value
 
     def remove_where(self, predicate: Callable[[str], bool]) -> int:
         doomed = [k for k in self._data if predicate(k)]

@@ -159,6 +159,8 @@ class TieredCache:
         return value, True
 
     def _remember(self, key: str, value: CachedResponse, ttl_left_s: float | None) -> None:
+        if self.l1.max_entries <= 0:
+            return  # L1 switched off
         ttl = self.options.ttl_s if ttl_left_s is None else min(ttl_left_s, self.options.ttl_s)
         if self.options.l1_ttl_s is not None:
             ttl = min(ttl, self.options.l1_ttl_s)

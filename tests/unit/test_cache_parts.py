@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from serve_app.breaker import BreakerState, CircuitBreaker
 from serve_app.cache import CachedResponse
+from serve_app.cache_metrics import breaker_level, cumulative_counts
 from serve_app.config import (
     AppArgs,
     CacheOptions,
@@ -324,3 +325,22 @@ class TestCacheConfig:
         assert resolved.cache.admin_token.get_secret_value() == "s3cret"
         assert "s3cret" not in repr(resolved)
         assert resolve_args(args, EnvSettings()).cache.admin_token is None
+
+
+class TestMetricMapping:
+    async def test_counts_and_breaker_level_come_from_the_stats_block(self):
+        cache, gen = l1_only(), Generator()
+        await cache.fetch(["a", "b"], gen)
+        await cache.fetch(["a"], gen)
+        counts = cumulative_counts(cache.snapshot())
+        assert counts[("hits", "l1")] == 1 and counts[("misses", "all")] == 2
+        assert counts[("misses", "l1")] == 2 and counts[("hits", "l2")] == 0
+        assert breaker_level(cache.snapshot()) == 0  # no L2: nothing to break
+        open_l2 = {"l2": {"breaker": {"state": "open"}}}
+        assert breaker_level(open_l2) == 2
+
+    async def test_l1_can_be_switched_off(self):
+        cache, gen = l1_only(l1_max_entries=0), Generator()
+        await cache.fetch(["a"], gen)
+        assert (await cache.fetch(["a"], gen))[0].source is Source.GENERATED
+        assert cache.snapshot()["l1"]["entries"] == 0
