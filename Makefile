@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.stamp-install
 
-.PHONY: install run run-tiny test test-unit lint load bench clean
+.PHONY: install run run-tiny test test-unit lint load bench bench-cache clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,12 @@ USERS ?= 16
 TIME  ?= 60s
 load: install
 	$(BIN)/locust -f loadtests/locustfile.py --headless -u $(USERS) -r $(USERS) -t $(TIME) --host $(HOST)
+
+# Starts configs/tiny.yaml itself, or measures a running app: make bench-cache URL=http://...
+# Prints a table, writes bench-results/cache.json, exits non-zero when a target is missed.
+URL ?=
+bench-cache: install
+	$(BIN)/python loadtests/bench_cache.py $(if $(URL),--url $(URL))
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .ruff_cache *.egg-info
