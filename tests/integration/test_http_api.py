@@ -9,7 +9,6 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
 import pytest
-import redis
 
 pytestmark = pytest.mark.integration
 PREFIX = "gpt2serve-tiny"
@@ -17,19 +16,6 @@ PREFIX = "gpt2serve-tiny"
 
 def unique(text: str = "prompt") -> str:
     return f"{text} {uuid.uuid4().hex[:12]}"
-
-
-@pytest.fixture(scope="module")
-def client(tiny_app):
-    with tiny_app.client() as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def rds(tiny_app):
-    r = redis.Redis.from_url(tiny_app.redis_url)
-    yield r
-    r.close()
 
 
 def generate(client, **body):

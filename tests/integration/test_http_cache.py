@@ -9,26 +9,12 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import redis
 
 from tests.conftest import ADMIN_TOKEN
 from tests.integration.test_http_api import PREFIX, assert_error, generate, unique
 
 pytestmark = pytest.mark.integration
 AUTH = {"authorization": f"Bearer {ADMIN_TOKEN}"}
-
-
-@pytest.fixture(scope="module")
-def client(tiny_app):
-    with tiny_app.client() as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def rds(tiny_app):
-    r = redis.Redis.from_url(tiny_app.redis_url)
-    yield r
-    r.close()
 
 
 def stats(client) -> dict:
