@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.stamp-install
 
-.PHONY: install run run-tiny test test-unit lint load bench bench-quick clean
+.PHONY: install run run-tiny test test-unit lint load bench bench-quick bench-cache clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,12 @@ bench: install
 
 bench-quick: install
 	$(BIN)/python loadtests/bench_batching.py --quick
+
+# Starts configs/tiny.yaml itself, or measures a running app: make bench-cache URL=http://...
+# Prints a table, writes bench-results/cache.json, exits non-zero when a target is missed.
+URL ?=
+bench-cache: install
+	$(BIN)/python loadtests/bench_cache.py $(if $(URL),--url $(URL))
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .ruff_cache *.egg-info
