@@ -31,9 +31,10 @@ class GroupCommitter(Generic[RowT, ResultT]):
     """Serialises writes through one task and commits everything pending in one transaction.
 
     `write(rows)` must commit all rows atomically and return one result per row, in order. A
-    caller's `submit()` returns only after the transaction holding its rows committed; if that
-    transaction fails, every caller in the group gets the exception and none of the group's rows
-    is stored. A caller cancelled before its group starts is dropped from it.
+    caller's `submit()` returns only after the transaction holding its rows committed. If a
+    group's transaction fails, each of its calls is retried in a transaction of its own, so one
+    bad row fails only its own caller; a caller whose transaction fails gets the exception and
+    none of its rows is stored. A caller cancelled before its group starts is dropped from it.
 
     `group=False` commits each row in a transaction of its own (the baseline the benchmark
     measures group commit against).
@@ -106,26 +107,43 @@ class GroupCommitter(Generic[RowT, ResultT]):
                 continue
             try:
                 if self.group:
-                    results = await self._commit([r for rows, _ in group for r in rows])
+                    await self._commit_group(group)
                 else:
                     # One call per group here, one transaction per row.
-                    results = []
-                    for row in group[0][0]:
+                    rows, future = group[0]
+                    results: list[ResultT] = []
+                    for row in rows:
                         results += await self._commit([row])
+                    _resolve(future, results)
             except BaseException as exc:
                 for _, future in group:
-                    if not future.done():
-                        future.set_exception(exc)
+                    _resolve(future, exc)
                 if isinstance(exc, asyncio.CancelledError):
                     self._fail_queued(exc)
                     raise
-                logger.warning("group commit of %d call(s) failed: %r", len(group), exc)
-                continue
-            offset = 0
+                logger.warning("commit of %d call(s) failed: %r", len(group), exc)
+
+    async def _commit_group(
+        self, group: list[tuple[list[RowT], asyncio.Future[list[ResultT]]]]
+    ) -> None:
+        try:
+            results = await self._commit([r for rows, _ in group for r in rows])
+        except Exception as exc:
+            if len(group) == 1:
+                raise
+            logger.warning(
+                "group commit of %d calls failed, retrying one by one: %r", len(group), exc
+            )
             for rows, future in group:
-                if not future.done():
-                    future.set_result(results[offset : offset + len(rows)])
-                offset += len(rows)
+                try:
+                    _resolve(future, await self._commit(rows))
+                except Exception as one_exc:
+                    _resolve(future, one_exc)
+            return
+        offset = 0
+        for rows, future in group:
+            _resolve(future, results[offset : offset + len(rows)])
+            offset += len(rows)
 
     async def _commit(self, rows: list[RowT]) -> list[ResultT]:
         results = await self._write(rows)
@@ -138,6 +156,13 @@ class GroupCommitter(Generic[RowT, ResultT]):
 
     def _fail_queued(self, exc: BaseException) -> None:
         while self._queue:
-            _, future = self._queue.popleft()
-            if not future.done():
-                future.set_exception(exc)
+            _resolve(self._queue.popleft()[1], exc)
+
+
+def _resolve(future: asyncio.Future[list[ResultT]], outcome: list[ResultT] | BaseException) -> None:
+    if future.done():  # the caller was cancelled meanwhile
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
