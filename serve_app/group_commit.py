@@ -1,20 +1,26 @@
-"""Group commit: concurrent writers share one transaction, so throughput grows with concurrency
-instead of with fsyncs.
+"""Group commit: concurrent writers share one write, so throughput grows with concurrency instead
+of with fsyncs (in the database) or with per-call overhead (across a DeploymentHandle).
 
-One writer task drains a queue. While a commit is in flight, new calls wait in the queue; when it
-finishes, the next transaction takes every call that is waiting (up to `max_rows`). A lone call
-is committed at once, with no batching delay; under load a group is as large as the load makes
-it. This replaced `@serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)`, which closes a
-group after a fixed wait and size (see docs/persistence.md for the measured difference).
+Writer tasks drain a queue. While a write is in flight, new calls wait in the queue; when it
+finishes, the next write takes every call that is waiting (up to `max_rows`). A lone call is
+written at once, with no batching delay; under load a group is as large as the load makes it.
+This replaced `@serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)`, which closes a
+group after a fixed wait and size (docs/persistence.md has the measurements).
 
-Plain asyncio with no Ray import: the Persistence deployment wraps it, and unit tests drive it
-against a real database.
+It is used twice on the path of a record:
+- in the Persistence replica, one writer, `write` = one database transaction;
+- in the ingress, `write` = one `record` call on the Persistence handle, so one Ray call carries
+  the rows of every request that finished meanwhile. On a 2-core machine a Serve handle call
+  costs more than committing a row, so this is what lets rows/s exceed calls/s.
+
+Plain asyncio with no Ray import, unit-tested against a real database.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
@@ -25,19 +31,22 @@ logger = logging.getLogger("ray.serve")
 
 RowT = TypeVar("RowT")
 ResultT = TypeVar("ResultT")
+_Call = tuple[list[RowT], "asyncio.Future[list[ResultT]]"]
 
 
 class GroupCommitter(Generic[RowT, ResultT]):
-    """Serialises writes through one task and commits everything pending in one transaction.
+    """Gathers concurrent calls into shared writes of everything pending.
 
-    `write(rows)` must commit all rows atomically and return one result per row, in order. A
-    caller's `submit()` returns only after the transaction holding its rows committed. If a
-    group's transaction fails, each of its calls is retried in a transaction of its own, so one
-    bad row fails only its own caller; a caller whose transaction fails gets the exception and
-    none of its rows is stored. A caller cancelled before its group starts is dropped from it.
+    `write(rows)` must store all rows atomically and return one result per row, in order. A
+    caller's `submit()` returns only after the write holding its rows returned; if that write
+    raises, the caller gets the exception. A caller cancelled before its group starts is dropped
+    from it.
 
-    `group=False` commits each row in a transaction of its own (the baseline the benchmark
-    measures group commit against).
+    - `concurrency`: writes in flight at once (1 for a database with a single writer).
+    - `isolate_failures`: when a shared write fails, retry each of its calls alone, so one bad
+      row fails only its own caller. Only safe where a failed write is known to have stored
+      nothing (a rolled-back transaction), never where it may have (a lost reply).
+    - `group=False` writes each row on its own (the baseline the benchmark measures against).
     """
 
     def __init__(
@@ -45,48 +54,54 @@ class GroupCommitter(Generic[RowT, ResultT]):
         write: Callable[[list[RowT]], Awaitable[list[ResultT]]],
         max_rows: int = 1024,
         group: bool = True,
+        concurrency: int = 1,
+        isolate_failures: bool = True,
     ) -> None:
-        if max_rows < 1:
-            raise ValueError("max_rows must be at least 1")
+        if max_rows < 1 or concurrency < 1:
+            raise ValueError("max_rows and concurrency must be at least 1")
         self._write = write
         self.max_rows = max_rows
         self.group = group
-        self._queue: deque[tuple[list[RowT], asyncio.Future[list[ResultT]]]] = deque()
-        self._writer: asyncio.Task[None] | None = None
-        self.transactions = 0
+        self.concurrency = concurrency
+        self.isolate_failures = isolate_failures
+        self._queue: deque[_Call] = deque()
+        self._writers: set[asyncio.Task[None]] = set()
+        self.writes = 0
         self.rows = 0
         self.largest_group = 0
+        self.write_seconds = 0.0
 
     def configure(self, max_rows: int, group: bool) -> None:
-        """Applied from the next transaction on (the deployment's `reconfigure`)."""
+        """Applied from the next write on (the deployment's `reconfigure`)."""
         if max_rows < 1:
             raise ValueError("max_rows must be at least 1")
         self.max_rows, self.group = max_rows, group
 
     async def submit(self, rows: Sequence[RowT]) -> list[ResultT]:
-        """Commit `rows` (with whatever else is pending) and return their results."""
+        """Write `rows` (with whatever else is pending) and return their results."""
         if not rows:
             return []
         future: asyncio.Future[list[ResultT]] = asyncio.get_running_loop().create_future()
         self._queue.append((list(rows), future))
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._drain())
+        if len(self._writers) < self.concurrency:
+            self._writers.add(asyncio.create_task(self._drain()))
         return await future
 
     def stats(self) -> dict[str, float | int | bool]:
         return {
             "group_commit": self.group,
-            "transactions": self.transactions,
+            "writes": self.writes,
             "rows": self.rows,
-            "mean_rows_per_transaction": round(self.rows / self.transactions, 2)
-            if self.transactions
-            else 0.0,
+            "mean_rows_per_write": round(self.rows / self.writes, 2) if self.writes else 0.0,
             "largest_group": self.largest_group,
+            "mean_write_ms": round(self.write_seconds / self.writes * 1000, 2)
+            if self.writes
+            else 0.0,
             "queued_calls": len(self._queue),
         }
 
-    def _take_group(self) -> list[tuple[list[RowT], asyncio.Future[list[ResultT]]]]:
-        group: list[tuple[list[RowT], asyncio.Future[list[ResultT]]]] = []
+    def _take_group(self) -> list[_Call]:
+        group: list[_Call] = []
         size = 0
         while self._queue:
             rows, future = self._queue[0]
@@ -101,42 +116,39 @@ class GroupCommitter(Generic[RowT, ResultT]):
         return group
 
     async def _drain(self) -> None:
-        while self._queue:
-            group = self._take_group()
-            if not group:
-                continue
-            try:
-                if self.group:
-                    await self._commit_group(group)
-                else:
-                    # One call per group here, one transaction per row.
-                    rows, future = group[0]
-                    results: list[ResultT] = []
-                    for row in rows:
-                        results += await self._commit([row])
-                    _resolve(future, results)
-            except BaseException as exc:
+        try:
+            while self._queue:
+                group = self._take_group()
+                if group:
+                    await self._write_group(group)
+        finally:
+            # In the same step that saw the queue empty, so a submit() never finds a writer
+            # that is about to leave.
+            self._writers.discard(asyncio.current_task())  # type: ignore[arg-type]
+
+    async def _write_group(self, group: list[_Call]) -> None:
+        try:
+            if self.group:
+                results = await self._counted_write([r for rows, _ in group for r in rows])
+            else:  # one call per group here, one write per row
+                results = []
+                for row in group[0][0]:
+                    results += await self._counted_write([row])
+        except asyncio.CancelledError as exc:
+            for _, future in group:
+                _resolve(future, exc)
+            self._fail_queued(exc)
+            raise
+        except Exception as exc:
+            if not self.isolate_failures or len(group) == 1:
+                logger.warning("write of %d call(s) failed: %r", len(group), exc)
                 for _, future in group:
                     _resolve(future, exc)
-                if isinstance(exc, asyncio.CancelledError):
-                    self._fail_queued(exc)
-                    raise
-                logger.warning("commit of %d call(s) failed: %r", len(group), exc)
-
-    async def _commit_group(
-        self, group: list[tuple[list[RowT], asyncio.Future[list[ResultT]]]]
-    ) -> None:
-        try:
-            results = await self._commit([r for rows, _ in group for r in rows])
-        except Exception as exc:
-            if len(group) == 1:
-                raise
-            logger.warning(
-                "group commit of %d calls failed, retrying one by one: %r", len(group), exc
-            )
+                return
+            logger.warning("write of %d calls failed, retrying one by one: %r", len(group), exc)
             for rows, future in group:
                 try:
-                    _resolve(future, await self._commit(rows))
+                    _resolve(future, await self._counted_write(rows))
                 except Exception as one_exc:
                     _resolve(future, one_exc)
             return
@@ -145,11 +157,13 @@ class GroupCommitter(Generic[RowT, ResultT]):
             _resolve(future, results[offset : offset + len(rows)])
             offset += len(rows)
 
-    async def _commit(self, rows: list[RowT]) -> list[ResultT]:
+    async def _counted_write(self, rows: list[RowT]) -> list[ResultT]:
+        started = time.perf_counter()
         results = await self._write(rows)
+        self.write_seconds += time.perf_counter() - started
         if len(results) != len(rows):
             raise RuntimeError(f"write returned {len(results)} results for {len(rows)} rows")
-        self.transactions += 1
+        self.writes += 1
         self.rows += len(rows)
         self.largest_group = max(self.largest_group, len(rows))
         return results

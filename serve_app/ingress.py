@@ -22,6 +22,7 @@ from serve_app.config import AppArgs
 from serve_app.domain import GenerationRequest, GenerationResult, SamplingParams
 from serve_app.errors import DependencyUnavailableError, NotFoundError
 from serve_app.etag import conditional_json
+from serve_app.group_commit import GroupCommitter
 from serve_app.http_errors import as_serve_error, install_error_handlers
 from serve_app.redis_server import EmbeddedRedis
 from serve_app.registry import resolve_model
@@ -36,7 +37,7 @@ from serve_app.schemas import (
     Usage,
 )
 from serve_app.service import Answer, GenerateCommand, GenerationService, ModelCatalog
-from serve_app.store import NewGeneration, StoredGeneration
+from serve_app.store import NewGeneration, Receipt, StoredGeneration
 
 logger = logging.getLogger("ray.serve")
 
@@ -83,14 +84,27 @@ class HandleBackend:
         self.generator = generator
         self.store = store
         self.write_timeout_s = write_timeout_s
+        # Requests finishing together share one `record` call (a handle call costs more than a
+        # row). Never retried: a call that failed may still have committed.
+        self.recorder: GroupCommitter[NewGeneration, StoredGeneration] = GroupCommitter(
+            self._record_call, concurrency=2, isolate_failures=False
+        )
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         handle = self.generator.options(multiplexed_model_id=request.model_id)
         return await _call(handle.generate.remote(request), "generator")
 
     async def record(self, rows: list[NewGeneration]) -> list[StoredGeneration]:
+        return await self.recorder.submit(rows)
+
+    async def _record_call(self, rows: list[NewGeneration]) -> list[StoredGeneration]:
         # A timed-out write is a 503 even if it commits later: no id is ever answered uncommitted.
-        return await _call(self.store.record.remote(rows), "persistence", self.write_timeout_s)
+        receipts: list[Receipt] = await _call(
+            self.store.record.remote(rows), "persistence", self.write_timeout_s
+        )
+        if len(receipts) != len(rows):
+            raise DependencyUnavailableError("persistence answered with the wrong number of rows")
+        return [StoredGeneration.committed(r, k) for r, k in zip(rows, receipts, strict=True)]
 
 
 def to_record(stored: StoredGeneration) -> GenerationRecord:

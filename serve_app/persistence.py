@@ -3,6 +3,7 @@
 `record()` returns only after the transaction holding the caller's rows has committed, and the
 ingress answers only after `record()` returns, so a client never holds an id that is not stored.
 Concurrent callers share transactions through `GroupCommitter`: one fsync per group, not per row.
+It answers with receipts (id, created_at), not the rows: the caller has those already.
 
 The schema is migrated to the newest Alembic revision when the replica starts. With
 `retention_days` set, the replica deletes older records every `purge_interval_s`.
@@ -25,7 +26,7 @@ from sqlalchemy.exc import DBAPIError
 from serve_app.config import PersistenceOptions, PersistenceTuning
 from serve_app.errors import DependencyUnavailableError
 from serve_app.group_commit import GroupCommitter
-from serve_app.store import NewGeneration, Store, StoredGeneration
+from serve_app.store import NewGeneration, Receipt, Store, StoredGeneration
 
 logger = logging.getLogger("ray.serve")
 
@@ -79,9 +80,9 @@ class Persistence:
         async with _database_errors("storing records"):
             return await store.insert_many(rows)
 
-    async def record(self, rows: list[NewGeneration]) -> list[StoredGeneration]:
-        """Store `rows`; returns them with ids once committed (shared with concurrent callers)."""
-        return await self.committer.submit(rows)
+    async def record(self, rows: list[NewGeneration]) -> list[Receipt]:
+        """Store `rows`; returns one receipt per row, in order, once they have committed."""
+        return [stored.receipt() for stored in await self.committer.submit(rows)]
 
     async def get(self, generation_id: str) -> StoredGeneration | None:
         store = await self._store()

@@ -46,7 +46,7 @@ async def test_concurrent_callers_share_transactions(store: Store) -> None:
     assert await store.count() == total
     stats = committer.stats()
     assert stats["rows"] == total
-    assert stats["transactions"] < len(calls)  # shared, not one per call
+    assert stats["writes"] < len(calls)  # shared, not one per call
     assert stats["largest_group"] > 1
 
 
@@ -55,18 +55,18 @@ async def test_groups_are_bounded_by_max_rows(store: Store) -> None:
     results = await asyncio.gather(*(committer.submit([_row(i), _row(i + 100)]) for i in range(20)))
     assert sum(len(r) for r in results) == 40 == await store.count()
     assert committer.stats()["largest_group"] <= 5
-    assert committer.stats()["transactions"] >= 8
+    assert committer.stats()["writes"] >= 8
 
 
 async def test_per_row_mode_commits_each_row_alone(store: Store) -> None:
     committer = _committer(store, group=False)
     results = await asyncio.gather(*(committer.submit([_row(i), _row(i + 50)]) for i in range(10)))
     assert sum(len(r) for r in results) == 20 == await store.count()
-    assert committer.stats()["transactions"] == 20
+    assert committer.stats()["writes"] == 20
     assert committer.stats()["largest_group"] == 1
     committer.configure(max_rows=100, group=True)  # reconfigure switches modes live
     await asyncio.gather(*(committer.submit([_row(i)]) for i in range(10)))
-    assert committer.stats()["transactions"] < 30
+    assert committer.stats()["writes"] < 30
 
 
 async def test_a_bad_row_fails_only_its_own_caller(store: Store) -> None:
@@ -103,6 +103,48 @@ async def test_a_caller_cancelled_before_its_group_is_not_written(store: Store) 
 async def test_empty_submit_is_a_no_op(store: Store) -> None:
     committer = _committer(store)
     assert await committer.submit([]) == []
-    assert committer.stats()["transactions"] == 0
+    assert committer.stats()["writes"] == 0
     with pytest.raises(ValueError):
         GroupCommitter(store.insert_many, max_rows=0)
+
+
+async def test_a_caller_side_committer_never_resends_a_failed_write(store: Store) -> None:
+    """As the ingress uses it: a failed write may have committed (a lost reply), so the whole
+    group fails and nothing is written twice."""
+    calls: list[int] = []
+
+    async def lossy_write(rows: list[NewGeneration]) -> list[StoredGeneration]:
+        await store.insert_many(rows)
+        calls.append(len(rows))
+        raise ConnectionError("reply lost after commit")
+
+    committer: GroupCommitter[NewGeneration, StoredGeneration] = GroupCommitter(
+        lossy_write, concurrency=2, isolate_failures=False
+    )
+    outcomes = await asyncio.gather(
+        *(committer.submit([_row(i)]) for i in range(10)), return_exceptions=True
+    )
+    assert all(isinstance(o, ConnectionError) for o in outcomes)
+    assert sum(calls) == 10 == await store.count()  # each row written exactly once
+
+
+async def test_concurrency_allows_writes_in_flight_together(store: Store) -> None:
+    in_flight = peak = 0
+
+    async def slow_write(rows: list[NewGeneration]) -> list[StoredGeneration]:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        try:
+            await asyncio.sleep(0.01)
+            return await store.insert_many(rows)
+        finally:
+            in_flight -= 1
+
+    committer: GroupCommitter[NewGeneration, StoredGeneration] = GroupCommitter(
+        slow_write, max_rows=4, concurrency=2
+    )
+    results = await asyncio.gather(*(committer.submit([_row(i)]) for i in range(16)))
+    assert peak == 2
+    assert sorted(s.prompt for r in results for s in r) == sorted(f"prompt {i}" for i in range(16))
+    assert await store.count() == 16
