@@ -108,7 +108,12 @@ def _run(
     if ns.command == "upgrade":
         print(f"{where}: schema at revision {asyncio.run(_upgrade(url))}")
     elif ns.command == "current":
-        print(f"{where}: schema at revision {asyncio.run(_current(url)) or 'none (empty)'}")
+        parsed = make_url(url)
+        if parsed.get_backend_name() == "sqlite" and not Path(parsed.database or "").is_file():
+            revision = None  # looking must not create the file
+        else:
+            revision = asyncio.run(_current(url))
+        print(f"{where}: schema at revision {revision or 'none'}")
     else:
         days = ns.older_than_days
         if days is None and args is not None:

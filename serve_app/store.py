@@ -71,13 +71,20 @@ class Generation(Base):
     """One served completion, with what produced it (model, revision, params) and its cost."""
 
     __tablename__ = "generations"
-    # The three keyset-paging paths: all rows, one user's rows, one model's rows. Their leading
-    # columns also serve plain `user_id = ?` / `model_name = ?` lookups, so separate single-column
-    # indexes on user_id and model_name would only add write cost.
+    # The keyset-paging paths: all rows, one user's, one model's, one user's with one model.
+    # Their leading columns also serve plain `user_id = ?` / `model_name = ?` lookups (and the
+    # purge's `created_at < ?`), so single-column indexes would only add write cost.
     __table_args__ = (
         Index("ix_generations_created_at_id", "created_at", "id"),
         Index("ix_generations_user_id_created_at_id", "user_id", "created_at", "id"),
         Index("ix_generations_model_name_created_at_id", "model_name", "created_at", "id"),
+        Index(
+            "ix_generations_user_id_model_name_created_at_id",
+            "user_id",
+            "model_name",
+            "created_at",
+            "id",
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)

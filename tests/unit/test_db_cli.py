@@ -103,7 +103,15 @@ def test_purge_without_an_age_is_a_usage_error(tmp_path: Path, capsys) -> None:
     assert "older-than-days" in capsys.readouterr().err
 
 
-def test_an_unreachable_database_is_a_clean_error(tmp_path: Path, capsys) -> None:
+def test_current_does_not_create_a_sqlite_file(tmp_path: Path, capsys) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path}/no/such/dir/x.db"
-    assert main(["--database-url", url, "current"]) == 1
-    assert "unable to open database file" in capsys.readouterr().err
+    assert main(["--database-url", url, "current"]) == 0
+    assert capsys.readouterr().out.strip().endswith("schema at revision none")
+    assert not (tmp_path / "no").exists()
+
+
+def test_an_unreachable_database_is_a_clean_error(capsys) -> None:
+    url = "postgresql+asyncpg://postgres@127.0.0.1:1/nothing"  # nothing listens on port 1
+    assert main(["--database-url", url, "upgrade"]) == 1
+    err = capsys.readouterr().err
+    assert "127.0.0.1:1" in err and "Traceback" not in err
