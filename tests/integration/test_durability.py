@@ -18,8 +18,8 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
-from datetime import datetime, timedelta
+from contextlib import ExitStack, closing
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import httpx
@@ -42,18 +42,63 @@ def unique(text: str) -> str:
     return f"{text} {uuid.uuid4().hex[:12]}"
 
 
+RETENTION_DAYS = 30
+EXPIRED_ID = "00000000-0000-7000-8000-0000000000e1"
+
+
+def seed_expired_row(database_url: str) -> None:
+    """A record older than the retention age, in the database before the app starts."""
+    from sqlalchemy import insert
+
+    from serve_app.store import Generation, Store
+
+    async def seed() -> None:
+        store = Store(database_url)
+        await store.start()
+        try:
+            async with store.engine.begin() as conn:
+                await conn.execute(
+                    insert(Generation),
+                    {
+                        "id": EXPIRED_ID,
+                        "created_at": datetime.now(timezone.utc).replace(tzinfo=None)
+                        - timedelta(days=RETENTION_DAYS + 1),
+                        "prompt": "old",
+                        "generated_text": "old text",
+                        "model_name": "tiny-a",
+                        "model_source": "standin",
+                        "model_revision": "r",
+                        "params": {},
+                        "user_id": "retention",
+                        "cached": False,
+                        "prompt_tokens": 1,
+                        "completion_tokens": 1,
+                        "latency_ms": 1.0,
+                    },
+                )
+        finally:
+            await store.close()
+
+    asyncio.run(seed())
+
+
 @pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=needs_postgres)])
 def app(request, tmp_path_factory, redis_server) -> Iterator[RunningApp]:
+    """The tiny app with a retention age, on a database that already holds an expired record."""
     workdir = tmp_path_factory.mktemp(f"durability-{request.param}")
-    if request.param == "sqlite":
-        proc, running = start_app(ROOT / "configs" / "tiny.yaml", workdir, redis_server.url)
-        try:
-            yield running
-        finally:
-            stop_app(proc)
-        return
-    with private_postgres_database("test_app") as url:
-        proc, running = start_app(ROOT / "configs" / "tiny.yaml", workdir, redis_server.url, url)
+    with ExitStack() as stack:
+        if request.param == "sqlite":
+            url = f"sqlite+aiosqlite:///{workdir / 'app.db'}"  # the file start_app uses
+        else:
+            url = stack.enter_context(private_postgres_database("test_app"))
+        seed_expired_row(url)
+        proc, running = start_app(
+            ROOT / "configs" / "tiny.yaml",
+            workdir,
+            redis_server.url,
+            url,
+            persistence={"retention_days": RETENTION_DAYS},
+        )
         try:
             yield running
         finally:
@@ -97,6 +142,16 @@ def stored_texts(app: RunningApp, ids: list[str]) -> dict[str, str]:
         return {r["id"]: r["generated_text"] for r in rows}
 
     return asyncio.run(fetch())
+
+
+def test_retention_deletes_expired_records_and_keeps_the_rest(client, app) -> None:
+    (fresh,) = generate(client, prompts=[unique("keep me")])
+    deadline = time.monotonic() + 30  # the replica purges in the background once it starts
+    while client.get(f"/history/{EXPIRED_ID}").status_code != 404:
+        assert time.monotonic() < deadline, "the expired record was not purged"
+        time.sleep(0.5)
+    assert stored_texts(app, [EXPIRED_ID, fresh["id"]]) == {fresh["id"]: fresh["generated_text"]}
+    assert client.get("/stats").json()["persistence"]["purged"] >= 1
 
 
 def test_feedback_is_stored_and_visible_on_the_record(client: httpx.Client) -> None:
