@@ -14,25 +14,10 @@ from sqlalchemy import insert
 
 from serve_app.db import main
 from serve_app.migrations import head_revision
-from serve_app.store import Generation, NewGeneration, Store, new_id
+from serve_app.store import Generation, Store, new_id
+from tests.unit.rows import make_row
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _row(i: int) -> NewGeneration:
-    return NewGeneration(
-        prompt=f"p{i}",
-        generated_text=f"p{i} t",
-        model_name="gpt2",
-        model_source="standin",
-        model_revision="r",
-        params={},
-        user_id=None,
-        cached=False,
-        prompt_tokens=1,
-        completion_tokens=1,
-        latency_ms=1.0,
-    )
 
 
 async def _seed(url: str, ages_days: list[float]) -> None:
@@ -40,7 +25,7 @@ async def _seed(url: str, ages_days: list[float]) -> None:
     await store.start()
     now = datetime.now(timezone.utc).replace(tzinfo=None)
     rows = [
-        {"id": new_id(), "created_at": now - timedelta(days=age), **_row(i).__dict__}
+        {"id": new_id(), "created_at": now - timedelta(days=age), **make_row(i).__dict__}
         for i, age in enumerate(ages_days)
     ]
     try:

@@ -11,22 +11,9 @@ import pytest
 
 from serve_app.group_commit import GroupCommitter
 from serve_app.store import NewGeneration, Store, StoredGeneration
+from tests.unit.rows import make_row
 
-
-def _row(i: int, user: str = "gc") -> NewGeneration:
-    return NewGeneration(
-        prompt=f"prompt {i}",
-        generated_text=f"prompt {i} text",
-        model_name="gpt2",
-        model_source="standin",
-        model_revision="r1",
-        params={"i": i},
-        user_id=user,
-        cached=False,
-        prompt_tokens=2,
-        completion_tokens=3,
-        latency_ms=1.0,
-    )
+_row = make_row
 
 
 def _committer(store: Store, **kwargs) -> GroupCommitter[NewGeneration, StoredGeneration]:
@@ -89,8 +76,8 @@ async def test_a_bad_row_fails_only_its_own_caller(store: Store) -> None:
 
 async def test_a_caller_cancelled_before_its_group_is_not_written(store: Store) -> None:
     committer = _committer(store)
-    cancelled = asyncio.create_task(committer.submit([_row(1, user="gone")]))
-    kept = asyncio.create_task(committer.submit([_row(2, user="kept")]))
+    cancelled = asyncio.create_task(committer.submit([_row(1, user_id="gone")]))
+    kept = asyncio.create_task(committer.submit([_row(2, user_id="kept")]))
     await asyncio.sleep(0)  # both are queued; the writer has not run yet
     cancelled.cancel()
     [stored] = await kept

@@ -28,24 +28,10 @@ from serve_app.store import (
     encode_cursor,
     new_id,
 )
+from tests.unit.rows import make_row
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def _row(i: int, user_id: str | None = None, model: str = "gpt2") -> NewGeneration:
-    return NewGeneration(
-        prompt=f"prompt {i}",
-        generated_text=f"text {i}",
-        model_name=model,
-        model_source="openai-community/gpt2",
-        model_revision="607a30d",
-        params={"temperature": 0.7, "max_new_tokens": 16, "i": i},
-        user_id=user_id,
-        cached=i % 2 == 0,
-        prompt_tokens=3 + i,
-        completion_tokens=16,
-        latency_ms=12.5 + i,
-    )
+_row = make_row
 
 
 def _as_new(stored: StoredGeneration) -> NewGeneration:
