@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.stamp-install
 
-.PHONY: install run run-tiny test test-unit lint load bench clean
+.PHONY: install run run-tiny test test-unit lint load bench bench-quick bench-cache clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,19 @@ USERS ?= 16
 TIME  ?= 60s
 load: install
 	$(BIN)/locust -f loadtests/locustfile.py --headless -u $(USERS) -r $(USERS) -t $(TIME) --host $(HOST)
+
+# Batching benchmark: raw generate() vs the service, batching on/off, dtypes, mixed lengths.
+bench: install
+	$(BIN)/python loadtests/bench_batching.py
+
+bench-quick: install
+	$(BIN)/python loadtests/bench_batching.py --quick
+
+# Starts configs/tiny.yaml itself, or measures a running app: make bench-cache URL=http://...
+# Prints a table, writes bench-results/cache.json, exits non-zero when a target is missed.
+URL ?=
+bench-cache: install
+	$(BIN)/python loadtests/bench_cache.py $(if $(URL),--url $(URL))
 
 # The system of record: migrate ahead of a deploy, apply retention, measure (see docs/persistence.md).
 # CONFIG is the Serve config whose database_url (or env DATABASE_URL) is meant.

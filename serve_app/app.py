@@ -22,13 +22,15 @@ DEFAULT_DEPLOYMENT_OPTIONS: dict[str, dict[str, Any]] = {
         "ray_actor_options": {"num_cpus": 0.1},
     },
     "Generator": {
+        # One replica already batches everything it holds; a second one on the same cores only
+        # splits batches, so it is added when a replica is well past a full batch.
         "autoscaling_config": {
             "min_replicas": 1,
             "max_replicas": 2,
-            "target_ongoing_requests": 32,
+            "target_ongoing_requests": 48,
         },
-        # Must cover max_batch_size: a replica can only batch requests it has been sent.
-        "max_ongoing_requests": 64,
+        # Must exceed max_batch_size: a replica can only batch requests it has been sent.
+        "max_ongoing_requests": 96,
         "ray_actor_options": {"num_cpus": 0.8},
         "user_config": BatchingConfig().model_dump(),
         "health_check_period_s": 10,

@@ -1,33 +1,33 @@
-"""Response cache: which requests may be answered from cache, under which key, and a Redis
-client that degrades to "miss" instead of failing when Redis is slow or gone.
+"""Response cache policy, keys and value format.
 
 Only deterministic requests are cached (greedy, or sampling with an explicit seed). The key
 covers the model id, the weights' identity (a stand-in and the real `gpt2` never share entries),
 the prompt and every generation parameter that can change the output.
+
+Values are compact JSON arrays, zlib-compressed above a size threshold; a one-byte tag says
+which, so the threshold can change without invalidating what is stored. The tiers that hold
+them live in `lru` (L1), `redis_tier` (L2) and `tiered_cache` (both, with single-flight).
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
-import logging
-import time
+import zlib
 from dataclasses import asdict, dataclass
 
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
-
-from serve_app.config import CacheOptions
 from serve_app.domain import SamplingParams
 
-logger = logging.getLogger(__name__)
-
-KEY_VERSION = 1
+KEY_VERSION = 2  # 2: tagged JSON-array values
 
 
 def is_cacheable(params: SamplingParams) -> bool:
     return params.deterministic
+
+
+def key_prefix(prefix: str, model_id: str | None = None) -> str:
+    """The prefix of every response key, or of one model's (keys embed the model id)."""
+    return f"{prefix}:resp:" if model_id is None else f"{prefix}:resp:{model_id}:"
 
 
 def cache_key(
@@ -45,7 +45,12 @@ def cache_key(
         ensure_ascii=False,
     )
     digest = hashlib.sha256(payload.encode()).hexdigest()
-    return f"{prefix}:resp:{model_id}:{digest}"
+    return key_prefix(prefix, model_id) + digest
+
+
+_PLAIN, _ZLIB = b"j", b"z"
+# Python's per-object overhead for an entry held decoded in the L1 (str, ints, tuple, dict slot).
+ENTRY_OVERHEAD_BYTES = 400
 
 
 @dataclass(frozen=True)
@@ -56,70 +61,45 @@ class CachedResponse:
     model_source: str
     model_revision: str
 
-    def dumps(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+    def encode(self, compress_min_bytes: int = 1024) -> bytes:
+        raw = json.dumps(
+            [
+                self.completion,
+                self.prompt_tokens,
+                self.completion_tokens,
+                self.model_source,
+                self.model_revision,
+            ],
+            separators=(",", ":"),
+            ensure_ascii=False,
+        ).encode()
+        if len(raw) >= compress_min_bytes:
+            packed = zlib.compress(raw, 6)
+            if len(packed) < len(raw):
+                return _ZLIB + packed
+        return _PLAIN + raw
 
     @classmethod
-    def loads(cls, raw: bytes) -> CachedResponse:
-        return cls(**json.loads(raw))
-
-
-class ResponseCache:
-    """Redis-backed; every call bounded by `timeout_s`; any failure is a miss, never an error."""
-
-    def __init__(self, redis: Redis | None, options: CacheOptions) -> None:
-        self.redis = redis
-        self.options = options
-        self.errors = 0
-        self.last_error: str | None = None
-        self.last_error_at: float | None = None
-
-    @property
-    def enabled(self) -> bool:
-        return self.options.enabled and self.redis is not None
-
-    def _failed(self, what: str, exc: BaseException) -> None:
-        self.errors += 1
-        self.last_error = f"{what}: {type(exc).__name__}"
-        self.last_error_at = time.time()
-        logger.warning("redis %s failed, serving without cache: %r", what, exc)
-
-    async def get_many(self, keys: list[str]) -> list[CachedResponse | None]:
-        if not self.enabled or not keys:
-            return [None] * len(keys)
+    def decode(cls, blob: bytes) -> CachedResponse:
+        """Raises ValueError for anything this version did not write."""
+        tag, body = blob[:1], blob[1:]
         try:
-            raw = await asyncio.wait_for(self.redis.mget(keys), self.options.timeout_s)
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
-            self._failed("get", exc)
-            return [None] * len(keys)
-        out: list[CachedResponse | None] = []
-        for value in raw:
-            try:
-                out.append(CachedResponse.loads(value) if value is not None else None)
-            except (ValueError, TypeError):
-                out.append(None)  # an entry from an incompatible version: treat as a miss
-        return out
+            if tag == _ZLIB:
+                body = zlib.decompress(body)
+            elif tag != _PLAIN:
+                raise ValueError(f"unknown cache value tag {tag!r}")
+            completion, prompt_tokens, completion_tokens, source, revision = json.loads(body)
+        except (zlib.error, TypeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"undecodable cache value: {exc}") from exc
+        if not (isinstance(completion, str) and isinstance(prompt_tokens, int)):
+            raise ValueError("cache value has the wrong shape")
+        return cls(completion, prompt_tokens, completion_tokens, source, revision)
 
-    async def put_many(self, entries: dict[str, CachedResponse]) -> None:
-        if not self.enabled or not entries:
-            return
-        try:
-            pipe = self.redis.pipeline(transaction=False)
-            for key, value in entries.items():
-                pipe.set(key, value.dumps(), ex=self.options.ttl_s)
-            await asyncio.wait_for(pipe.execute(), self.options.timeout_s)
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
-            self._failed("set", exc)
-
-    async def health(self) -> dict[str, object]:
-        if self.redis is None:
-            return {"status": "disabled"}
-        try:
-            await asyncio.wait_for(self.redis.ping(), self.options.timeout_s)
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
-            return {"status": "unavailable", "error": type(exc).__name__}
-        return {"status": "ok"}
-
-    async def close(self) -> None:
-        if self.redis is not None:
-            await self.redis.aclose()
+    def memory_size(self) -> int:
+        """Estimated bytes this value holds when kept decoded in the L1."""
+        return (
+            ENTRY_OVERHEAD_BYTES
+            + len(self.completion.encode())
+            + len(self.model_source)
+            + len(self.model_revision)
+        )

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Stand-in architectures: the real GPT-2 family shapes, plus tiny shapes for tests.
@@ -71,8 +71,35 @@ class GeneratorOptions(_Strict):
 class BatchingConfig(_Strict):
     """The generator's `user_config`: applied live in `reconfigure()`, no restart."""
 
-    max_batch_size: int = Field(default=16, ge=1, le=256)
-    batch_wait_timeout_s: float = Field(default=0.01, ge=0.0, le=5.0)
+    max_batch_size: int = Field(
+        default=32,
+        ge=1,
+        le=256,
+        description="Most rows decoded together per model; 1 turns batching off. Keep the "
+        "deployment's max_ongoing_requests above it, or batches cannot fill.",
+    )
+    batch_wait_timeout_s: float = Field(
+        default=0.005,
+        ge=0.0,
+        le=5.0,
+        description="How long @serve.batch gathers arrivals before handing them to the decode "
+        "loop (which admits them at its next step): a lone request pays this once.",
+    )
+    admit_min_rows: int = Field(
+        default=8,
+        ge=1,
+        le=256,
+        description="While a model's batch is running, newcomers are held until this many (or "
+        "as many as there are free slots) can be prefilled together: a lone prefill costs "
+        "about a full forward pass, so one per arrival would eat the decode budget.",
+    )
+    admit_max_wait_s: float = Field(
+        default=0.25,
+        ge=0.0,
+        le=10.0,
+        description="Longest a newcomer is held for company before it is admitted anyway. An "
+        "idle model admits at once, so a lone request never waits.",
+    )
 
 
 class PersistenceTuning(_Strict):
@@ -108,12 +135,75 @@ class PersistenceOptions(_Strict):
 
 
 class CacheOptions(_Strict):
-    enabled: bool = Field(default=True, description="Answer deterministic requests from Redis.")
-    ttl_s: int = Field(default=3600, ge=1, description="Lifetime of a cached response.")
-    prefix: str = Field(default="gpt2serve", description="Namespace of every Redis key.")
+    """The response cache: an in-process L1 per ingress replica in front of a Redis L2.
+
+    The fields in `LIVE_CACHE_FIELDS` can also be changed without a restart through the
+    Ingress deployment's `user_config` (applied in `reconfigure()`)."""
+
+    enabled: bool = Field(default=True, description="Answer deterministic requests from cache.")
+    ttl_s: int = Field(default=3600, ge=1, description="Lifetime of a cached response (L2).")
+    prefix: str = Field(
+        default="gpt2serve",
+        pattern=r"^[A-Za-z0-9._:\-]{1,64}$",
+        description="Namespace of every Redis key.",
+    )
     timeout_s: float = Field(
         default=0.25, gt=0, description="Bound on any one Redis call; slower counts as a miss."
     )
+    l1_max_entries: int = Field(
+        default=10_000, ge=0, description="Entries the in-process L1 holds at most; 0 disables it."
+    )
+    l1_max_bytes: int = Field(
+        default=64 * 2**20, ge=0, description="Estimated bytes the in-process L1 holds at most."
+    )
+    l1_ttl_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="Cap on an L1 entry's lifetime. An L1 entry never outlives its L2 entry "
+        "either way; None means the L2 lifetime is the only cap.",
+    )
+    compress_min_bytes: int = Field(
+        default=1024, ge=1, description="Values at least this large are stored zlib-compressed."
+    )
+    breaker_failures: int = Field(
+        default=3, ge=1, description="Consecutive Redis failures that open the circuit breaker."
+    )
+    breaker_reset_s: float = Field(
+        default=0.5,
+        gt=0,
+        description="How long the breaker stays open before a background probe; doubles after "
+        "each failed probe, up to `breaker_max_reset_s`.",
+    )
+    breaker_max_reset_s: float = Field(
+        default=5.0, gt=0, description="Longest wait between two probes of a Redis that is down."
+    )
+    lock_ttl_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="Lease of the Redis marker that lets only one ingress replica generate a "
+        "given answer; replicas that see it wait for the answer at most this long. 0 turns "
+        "cross-replica single-flight off (it always works within a replica).",
+    )
+    admin_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token for `DELETE /cache`; unset disables the endpoint (403). "
+        "Env CACHE_ADMIN_TOKEN overrides.",
+    )
+
+
+LIVE_CACHE_FIELDS = frozenset(
+    {"ttl_s", "l1_max_entries", "l1_max_bytes", "l1_ttl_s", "compress_min_bytes", "timeout_s"}
+)
+
+
+def apply_cache_user_config(options: CacheOptions, user_config: dict[str, object]) -> CacheOptions:
+    """The Ingress `user_config` on top of the YAML `args.cache`; other keys are an error."""
+    unknown = set(user_config) - LIVE_CACHE_FIELDS
+    if unknown:
+        raise ValueError(
+            f"Ingress user_config may only set {sorted(LIVE_CACHE_FIELDS)}, got {sorted(unknown)}"
+        )
+    return CacheOptions.model_validate({**options.model_dump(), **user_config})
 
 
 class AppArgs(_Strict):
@@ -187,6 +277,7 @@ class EnvSettings(BaseSettings):
     database_url: str | None = Field(default=None, validation_alias="DATABASE_URL")
     standin_dir: str | None = Field(default=None, validation_alias="STANDIN_DIR")
     hf_hub_offline: bool = Field(default=False, validation_alias="HF_HUB_OFFLINE")
+    cache_admin_token: SecretStr | None = Field(default=None, validation_alias="CACHE_ADMIN_TOKEN")
 
 
 def resolve_args(args: AppArgs, env: EnvSettings | None = None) -> AppArgs:
@@ -199,6 +290,8 @@ def resolve_args(args: AppArgs, env: EnvSettings | None = None) -> AppArgs:
         updates["database_url"] = env.database_url
     if env.hf_hub_offline:
         updates["offline"] = True
+    if env.cache_admin_token:
+        updates["cache"] = args.cache.model_copy(update={"admin_token": env.cache_admin_token})
     standin_dir = env.standin_dir or args.standin_dir
     updates["standin_dir"] = str(
         Path(standin_dir or Path.home() / ".cache" / "serve-gpt2" / "standins")

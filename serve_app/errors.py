@@ -42,6 +42,16 @@ class InvalidCursorError(ServeError):
     error_type = "invalid_cursor"
 
 
+class UnauthorizedError(ServeError):
+    status_code = 401
+    error_type = "unauthorized"
+
+
+class ForbiddenError(ServeError):
+    status_code = 403
+    error_type = "forbidden"
+
+
 class UnknownModelError(ServeError):
     status_code = 404
     error_type = "unknown_model"

@@ -22,6 +22,7 @@ from ray import serve
 from serve_app.config import AppArgs, BatchingConfig
 from serve_app.domain import GenerationRequest, GenerationResult
 from serve_app.errors import ServeError, UnknownModelError
+from serve_app.scheduler import Scheduler
 
 logger = logging.getLogger("ray.serve")
 
@@ -42,6 +43,62 @@ class ResidentModel:
             callback(self.loaded.info.id)
 
 
+class GeneratorMetrics:
+    """Ray metrics (dashboard / Prometheus) fed by the decode loop and the model loader."""
+
+    def __init__(self) -> None:
+        from ray.serve.metrics import Counter, Histogram
+
+        self.rows = Histogram(
+            "generator_batch_rows",
+            description="Rows (requests) in each decode step.",
+            boundaries=[1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128],
+            tag_keys=("model",),
+        )
+        self.queue_wait = Histogram(
+            "generator_queue_wait_ms",
+            description="Time from arrival at the decode loop to admission into a batch.",
+            boundaries=[1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000],
+            tag_keys=("model",),
+        )
+        self.step_ms = Histogram(
+            "generator_step_ms",
+            description="Duration of one decode step (one forward pass of the batch).",
+            boundaries=[5, 10, 20, 40, 80, 160, 320, 640],
+            tag_keys=("model",),
+        )
+        self.tokens = Counter(
+            "generator_tokens_generated", description="Completion tokens.", tag_keys=("model",)
+        )
+        self.load_s = Histogram(
+            "generator_model_load_s",
+            description="Time to load a model into a replica.",
+            boundaries=[0.1, 0.5, 1, 2, 5, 10, 30, 60],
+            tag_keys=("model",),
+        )
+        self.evictions = Counter(
+            "generator_model_evictions",
+            description="Models evicted by the multiplexing LRU.",
+            tag_keys=("model",),
+        )
+
+    def admitted(self, model_id: str, queue_wait_s: float) -> None:
+        self.queue_wait.observe(queue_wait_s * 1000, tags={"model": model_id})
+
+    def stepped(self, model_id: str, rows: int, seconds: float) -> None:
+        self.rows.observe(rows, tags={"model": model_id})
+        self.step_ms.observe(seconds * 1000, tags={"model": model_id})
+
+    def finished(self, model_id: str, completion_tokens: int) -> None:
+        self.tokens.inc(completion_tokens, tags={"model": model_id})
+
+    def model_loaded(self, model_id: str, seconds: float) -> None:
+        self.load_s.observe(seconds, tags={"model": model_id})
+
+    def model_evicted(self, model_id: str) -> None:
+        self.evictions.inc(tags={"model": model_id})
+
+
 @serve.deployment
 class Generator:
     def __init__(self, args: AppArgs) -> None:
@@ -50,15 +107,13 @@ class Generator:
         self.args = args
         threads = args.generator.torch_threads or os.cpu_count() or 1
         torch.set_num_threads(threads)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-load")
         self._standin_dir = Path(args.standin_dir or ".")
         self.loads: Counter[str] = Counter()
         self.evictions = 0
         self.resident: list[str] = []
-        self.batches = 0
-        self.batched_requests = 0
-        self.max_batch_seen = 0
-        self.tokens_generated = 0
+        self.metrics = GeneratorMetrics()
+        self._scheduler = Scheduler(BatchingConfig().max_batch_size, observer=self.metrics)
 
         from serve_app.registry import prepare_model
 
@@ -76,8 +131,11 @@ class Generator:
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         config = BatchingConfig.model_validate(user_config or {})
-        self._batched.set_max_batch_size(config.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        self._scheduler.max_batch_size = config.max_batch_size
+        self._scheduler.admit_min_rows = config.admit_min_rows
+        self._scheduler.admit_max_wait_s = config.admit_max_wait_s
+        self._admit.set_max_batch_size(config.max_batch_size)
+        self._admit.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         logger.info("Generator batching: %s", config)
 
     async def _load(self, model_id: str) -> ResidentModel:
@@ -92,11 +150,10 @@ class Generator:
         info = await loop.run_in_executor(
             None, resolve_model, spec, self._standin_dir, self.args.hub_timeout_s, offline
         )
-        loaded = await loop.run_in_executor(
-            self._executor, load_model, spec, info, self._standin_dir
-        )
+        loaded = await loop.run_in_executor(self._loader, load_model, spec, info, self._standin_dir)
         self.loads[model_id] += 1
         self.resident.append(model_id)
+        self.metrics.model_loaded(model_id, time.perf_counter() - started)
         logger.info(
             "Loaded model %s (%s, %s) in %.2fs",
             model_id,
@@ -108,42 +165,36 @@ class Generator:
 
     def _evicted(self, model_id: str) -> None:
         self.evictions += 1
+        self.metrics.model_evicted(model_id)
         if model_id in self.resident:
             self.resident.remove(model_id)
         logger.info("Evicted model %s", model_id)
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
-        outcome = await self._batched(request)
-        if isinstance(outcome, ServeError):
-            raise outcome
-        return outcome
+        future = await self._admit(request)
+        return await future
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def _batched(
-        self, requests: list[GenerationRequest]
-    ) -> list[GenerationResult | ServeError]:
-        self.batches += 1
-        self.batched_requests += len(requests)
-        self.max_batch_seen = max(self.max_batch_seen, len(requests))
-        results: list[GenerationResult | ServeError] = [None] * len(requests)  # type: ignore[list-item]
+    # Grouping only: the group is handed to the decode loop, which admits it at its next step
+    # boundary, so a group never waits for the previous one; max_concurrent_batches lets groups
+    # for other models proceed while one waits for its model to load.
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, max_concurrent_batches=4)
+    async def _admit(self, requests: list[GenerationRequest]) -> list[asyncio.Future]:
+        futures: list[asyncio.Future] = [None] * len(requests)  # type: ignore[list-item]
         by_model: dict[str, list[int]] = {}
         for i, request in enumerate(requests):
             by_model.setdefault(request.model_id, []).append(i)
-        loop = asyncio.get_running_loop()
         for model_id, indices in by_model.items():
             try:
                 resident = await self._get_model(model_id)
             except ServeError as exc:
                 for i in indices:
-                    results[i] = exc
+                    futures[i] = asyncio.get_running_loop().create_future()
+                    futures[i].set_exception(exc)
                 continue
-            group = [requests[i] for i in indices]
-            outcomes = await loop.run_in_executor(self._executor, resident.decoder.generate, group)
-            for i, outcome in zip(indices, outcomes, strict=True):
-                results[i] = outcome
-                if isinstance(outcome, GenerationResult):
-                    self.tokens_generated += outcome.completion_tokens
-        return results
+            submitted = self._scheduler.submit(resident.decoder, [requests[i] for i in indices])
+            for i, future in zip(indices, submitted, strict=True):
+                futures[i] = future
+        return futures
 
     async def stats(self) -> dict[str, Any]:
         return {
@@ -151,13 +202,10 @@ class Generator:
             "resident_models": list(self.resident),
             "loads": dict(self.loads),
             "evictions": self.evictions,
-            "batches": self.batches,
-            "batched_requests": self.batched_requests,
-            "mean_batch_size": round(self.batched_requests / self.batches, 2)
-            if self.batches
-            else 0.0,
-            "max_batch_size_seen": self.max_batch_seen,
-            "tokens_generated": self.tokens_generated,
+            "max_batch_size": self._scheduler.max_batch_size,
+            "queued": self._scheduler.queued,
+            "active_rows": self._scheduler.active,
+            **self._scheduler.stats.snapshot(),
         }
 
     async def health(self) -> dict[str, Any]:

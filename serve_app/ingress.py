@@ -6,6 +6,7 @@ Wire types live in `schemas`, the request logic in `service`, error mapping in `
 """
 
 import asyncio
+import hmac
 import logging
 from datetime import datetime
 from typing import Annotated, Any
@@ -15,18 +16,24 @@ from ray import serve
 from ray.exceptions import RayError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
-from redis.asyncio import Redis
 
-from serve_app.cache import ResponseCache
-from serve_app.config import AppArgs
+from serve_app.cache_metrics import CacheMetrics
+from serve_app.config import AppArgs, apply_cache_user_config
 from serve_app.domain import GenerationRequest, GenerationResult, SamplingParams
-from serve_app.errors import DependencyUnavailableError, NotFoundError
+from serve_app.errors import (
+    DependencyUnavailableError,
+    ForbiddenError,
+    NotFoundError,
+    UnauthorizedError,
+)
 from serve_app.etag import conditional_json
 from serve_app.group_commit import GroupCommitter
 from serve_app.http_errors import as_serve_error, install_error_handlers
 from serve_app.redis_server import EmbeddedRedis
+from serve_app.redis_tier import RedisTier
 from serve_app.registry import resolve_model
 from serve_app.schemas import (
+    CacheInvalidation,
     Feedback,
     FeedbackRequest,
     GenerateRequest,
@@ -38,6 +45,7 @@ from serve_app.schemas import (
 )
 from serve_app.service import Answer, GenerateCommand, GenerationService, ModelCatalog
 from serve_app.store import NewGeneration, Receipt, StoredGeneration
+from serve_app.tiered_cache import TieredCache
 
 logger = logging.getLogger("ray.serve")
 
@@ -145,29 +153,31 @@ class Ingress:
         self.catalog = ModelCatalog(args, infos)
 
         self.embedded_redis: EmbeddedRedis | None = None
-        redis_url = args.redis_url
+        redis_url = args.redis_url if args.cache.enabled else None
         if redis_url is None and args.cache.enabled:
             self.embedded_redis = EmbeddedRedis()
             redis_url = self.embedded_redis.start()
-        redis = (
-            Redis.from_url(
-                redis_url,
-                socket_timeout=args.cache.timeout_s,
-                socket_connect_timeout=args.cache.timeout_s,
-            )
-            if redis_url
-            else None
-        )
         self.redis_mode = (
-            "disabled" if redis is None else "embedded" if self.embedded_redis else "external"
+            "disabled" if redis_url is None else "embedded" if self.embedded_redis else "external"
         )
-        self.cache = ResponseCache(redis, args.cache)
+        self.cache = TieredCache(args.cache, None)
+        if redis_url is not None:
+            self.cache.l2 = RedisTier(redis_url, args.cache, on_invalidate=self.cache.forget)
+            self.cache.l2.start_listening()
+        # The constructor runs on the replica's event loop, so background tasks can start here.
+        self.metrics = CacheMetrics(self.cache.snapshot)
+        self._metrics_task = asyncio.get_running_loop().create_task(self.metrics.run())
         self.service = GenerationService(
             args,
             self.catalog,
             self.cache,
             HandleBackend(generator, store, args.persistence.write_timeout_s),
         )
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Live cache tunables from the deployment's `user_config` (async: runs on the loop
+        that owns the L1, not in Ray's thread pool)."""
+        self.cache.configure(apply_cache_user_config(self.args.cache, user_config))
 
     def __del__(self) -> None:
         if getattr(self, "embedded_redis", None) is not None:
@@ -190,6 +200,7 @@ class Ingress:
                 seed=body.seed,
             ),
             user_id=body.user_id,
+            use_cache=body.cache,
         )
         answers: list[Answer] = await self.service.generate(command)
         return [to_record(a.record) for a in answers]
@@ -244,6 +255,12 @@ class Ingress:
             entries.append(ModelEntry(**info, default=spec.id == default))
         return ModelList(default=default, models=entries)
 
+    @api.get("/livez")
+    async def livez(self) -> dict[str, str]:
+        """This replica answers HTTP: no Redis, no downstream call. The floor of any request's
+        cost through Ray Serve, and the baseline of the cache benchmark."""
+        return {"status": "ok"}
+
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
         redis, database, generator = await asyncio.gather(
@@ -263,9 +280,33 @@ class Ingress:
             _probe(self.store.count.remote()),
             _probe(self.store.stats.remote()),
         )
-        snapshot = self.service.counters.snapshot()
-        snapshot["cache"]["redis_errors"] = self.cache.errors
+        snapshot = self.service.stats()
         snapshot["records_total"] = records
         snapshot["generator"] = generator
         snapshot["persistence"] = persistence
         return snapshot
+
+    @api.delete("/cache", response_model=CacheInvalidation)
+    async def invalidate_cache(
+        self,
+        model: Annotated[str | None, Query(max_length=64)] = None,
+        authorization: Annotated[str | None, Header()] = None,
+    ) -> CacheInvalidation:
+        """Drop cached answers (all, or one model's) from Redis and from every replica's L1."""
+        self._authorize_admin(authorization)
+        if model is not None:
+            model = self.catalog.spec(model).id  # 404 with the valid ids for a typo
+        deleted = await self.cache.invalidate(model)
+        logger.info("cache invalidated (model=%s): %s", model or "all", deleted)
+        return CacheInvalidation(model=model, deleted_l1=deleted["l1"], deleted_l2=deleted["l2"])
+
+    def _authorize_admin(self, authorization: str | None) -> None:
+        token = self.args.cache.admin_token
+        if token is None:
+            raise ForbiddenError(
+                "DELETE /cache is disabled; set cache.admin_token (or env CACHE_ADMIN_TOKEN)"
+            )
+        scheme, _, given = (authorization or "").partition(" ")
+        expected = token.get_secret_value().encode()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+            raise UnauthorizedError("DELETE /cache needs 'Authorization: Bearer <admin token>'")

@@ -64,10 +64,12 @@ class EmbeddedRedis:
             raise RuntimeError("embedded redis is not started")
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, attempts: int = 5, timeout_s: float = 10.0) -> str:
+    def start(self, attempts: int = 5, timeout_s: float = 10.0, port: int | None = None) -> str:
+        """Start on `port`, or on a free port; returns the URL."""
         last_error = "not started"
+        wanted = port
         for _ in range(attempts):
-            port = _free_port()
+            port = wanted or _free_port()
             options = {
                 "port": port,
                 "bind": "127.0.0.1",
@@ -109,15 +111,25 @@ class EmbeddedRedis:
         except OSError:
             return False
 
+    def restart(self) -> str:
+        """Stop and start again on the same port (an empty cache: nothing is kept on disk)."""
+        port = self.port
+        self.stop()
+        return self.start(port=port)
+
     def stop(self) -> None:
         proc, self.process = self.process, None
-        if proc is not None and proc.poll() is None:
+        if proc is None:
+            return
+        if proc.poll() is None:
             proc.terminate()
             try:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
 
     def __enter__(self) -> EmbeddedRedis:
         self.start()

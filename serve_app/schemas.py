@@ -26,6 +26,9 @@ class GenerateRequest(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     user_id: str | None = Field(default=None, min_length=1, max_length=128)
+    cache: bool = Field(
+        default=True, description="False: neither read nor write the cache; always generate."
+    )
 
     @field_validator("prompts")
     @classmethod
@@ -100,3 +103,11 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+class CacheInvalidation(BaseModel):
+    """Answer of `DELETE /cache`: what was removed from each tier of this replica."""
+
+    model: str | None = Field(description="The model whose entries went; null: all of them.")
+    deleted_l1: int
+    deleted_l2: int

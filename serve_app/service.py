@@ -1,5 +1,6 @@
 """What the ingress does for a request, without HTTP and without Ray: validate content, answer
-from cache where allowed, generate the rest, record every answered prompt, count.
+from cache where allowed (each prompt on its own), generate the rest, record every answered
+prompt, count.
 
 The generator and the store are reached through the small `Backend` protocol, so this module is
 exercised by the integration tests through the real deployments and needs no Ray import itself.
@@ -14,11 +15,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from serve_app.cache import CachedResponse, ResponseCache, cache_key, is_cacheable
+from serve_app.cache import CachedResponse, cache_key, is_cacheable
 from serve_app.config import AppArgs, ModelSpec
 from serve_app.domain import GenerationRequest, GenerationResult, SamplingParams
 from serve_app.errors import ForbiddenContentError, UnknownModelError
 from serve_app.store import NewGeneration, StoredGeneration
+from serve_app.tiered_cache import Served, Source, TieredCache
 
 if TYPE_CHECKING:
     from serve_app.registry import ModelInfo
@@ -36,6 +38,7 @@ class GenerateCommand:
     model_id: str
     params: SamplingParams
     user_id: str | None = None
+    use_cache: bool = True  # False: neither read nor write the cache, always generate
 
 
 @dataclass(frozen=True)
@@ -49,25 +52,9 @@ class Counters:
     requests: int = 0
     prompts: int = 0
     generations: int = 0
-    cache_hits: int = 0
-    cache_misses: int = 0
     uncacheable: int = 0
+    bypassed: int = 0
     started_at: float = field(default_factory=time.time)
-
-    def snapshot(self) -> dict[str, object]:
-        lookups = self.cache_hits + self.cache_misses
-        return {
-            "requests": self.requests,
-            "prompts": self.prompts,
-            "generations": self.generations,
-            "cache": {
-                "hits": self.cache_hits,
-                "misses": self.cache_misses,
-                "uncacheable": self.uncacheable,
-                "hit_ratio": round(self.cache_hits / lookups, 4) if lookups else 0.0,
-            },
-            "uptime_s": round(time.time() - self.started_at, 1),
-        }
 
 
 class ForbiddenWords:
@@ -116,7 +103,7 @@ class GenerationService:
         self,
         args: AppArgs,
         catalog: ModelCatalog,
-        cache: ResponseCache,
+        cache: TieredCache,
         backend: Backend,
     ) -> None:
         self.args = args
@@ -133,69 +120,74 @@ class GenerationService:
         info = self.catalog.info(spec.id)
         params = command.params.normalized()
         started = time.perf_counter()
-        self.counters.prompts += len(command.prompts)
+        prompts = command.prompts
+        self.counters.prompts += len(prompts)
 
-        keys: list[str | None] = [None] * len(command.prompts)
-        hits: list[CachedResponse | None] = [None] * len(command.prompts)
-        if is_cacheable(params) and self.cache.enabled:
-            keys = [
-                cache_key(self.args.cache.prefix, spec.id, info.revision, p, params)
-                for p in command.prompts
-            ]
-            hits = await self.cache.get_many(keys)  # type: ignore[arg-type]
-            found = sum(h is not None for h in hits)
-            self.counters.cache_hits += found
-            self.counters.cache_misses += len(hits) - found
-        else:
-            self.counters.uncacheable += len(command.prompts)
-
-        misses = [i for i, hit in enumerate(hits) if hit is None]
-        generated = await asyncio.gather(
-            *(
-                self.backend.generate(GenerationRequest(spec.id, command.prompts[i], params))
-                for i in misses
-            )
-        )
-        self.counters.generations += len(generated)
-        fresh: dict[str, CachedResponse] = {}
-        for i, result in zip(misses, generated, strict=True):
-            value = CachedResponse(
+        async def run(i: int) -> CachedResponse:
+            result = await self.backend.generate(GenerationRequest(spec.id, prompts[i], params))
+            self.counters.generations += 1
+            return CachedResponse(
                 completion=result.completion,
                 prompt_tokens=result.prompt_tokens,
                 completion_tokens=result.completion_tokens,
                 model_source=result.model_source,
                 model_revision=result.model_revision,
             )
-            hits[i] = value
-            if keys[i] is not None:
-                fresh[keys[i]] = value  # type: ignore[index]
+
+        served: list[Served]
+        if self.cache.enabled and command.use_cache and is_cacheable(params):
+            keys = [
+                cache_key(self.args.cache.prefix, spec.id, info.revision, p, params)
+                for p in prompts
+            ]
+            # Fresh answers are cached as soon as they exist, so identical requests waiting
+            # on this one (here or on another replica) are released before recording.
+            served = await self.cache.fetch(keys, run)
+        else:
+            if not command.use_cache:
+                self.counters.bypassed += len(prompts)
+            elif self.cache.enabled:
+                self.counters.uncacheable += len(prompts)
+            fresh = await asyncio.gather(*(run(i) for i in range(len(prompts))))
+            served = [Served(value, Source.GENERATED) for value in fresh]
 
         latency_ms = (time.perf_counter() - started) * 1000
-        served = set(misses)
         rows = [
             NewGeneration(
                 prompt=prompt,
-                generated_text=prompt + answer.completion,
+                generated_text=prompt + answer.value.completion,
                 model_name=spec.id,
-                model_source=answer.model_source,
-                model_revision=answer.model_revision,
+                model_source=answer.value.model_source,
+                model_revision=answer.value.model_revision,
                 params=_params_dict(params),
                 user_id=command.user_id,
-                cached=i not in served,
-                prompt_tokens=answer.prompt_tokens,
-                completion_tokens=answer.completion_tokens,
+                cached=answer.cached,
+                prompt_tokens=answer.value.prompt_tokens,
+                completion_tokens=answer.value.completion_tokens,
                 latency_ms=latency_ms,
             )
-            for i, (prompt, answer) in enumerate(zip(command.prompts, hits, strict=True))
-            if answer is not None
+            for prompt, answer in zip(prompts, served, strict=True)
         ]
-        # Durable first, then cache, then answer: a client never sees an id that is not stored.
+        # Durable, then answered: a client never sees an id that is not stored.
         stored = await self.backend.record(rows)
-        await self.cache.put_many(fresh)
         return [
-            Answer(record, hit.completion)  # type: ignore[union-attr]
-            for record, hit in zip(stored, hits, strict=True)
+            Answer(record, answer.value.completion)
+            for record, answer in zip(stored, served, strict=True)
         ]
+
+    def stats(self) -> dict[str, object]:
+        c = self.counters
+        return {
+            "requests": c.requests,
+            "prompts": c.prompts,
+            "generations": c.generations,
+            "cache": {
+                **self.cache.snapshot(),
+                "uncacheable": c.uncacheable,
+                "bypassed": c.bypassed,
+            },
+            "uptime_s": round(time.time() - c.started_at, 1),
+        }
 
 
 def _params_dict(params: SamplingParams) -> dict[str, object]:

@@ -113,7 +113,9 @@ def start_app(
     cfg = workdir / "serve_config.yaml"
     cfg.write_text(yaml.safe_dump(spec))
     env = {
-        k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL", "RAY_ADDRESS")
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("REDIS_URL", "DATABASE_URL", "RAY_ADDRESS", "CACHE_ADMIN_TOKEN")
     }
     env["DATABASE_URL"] = database_url or f"sqlite+aiosqlite:///{db_path}"
     env["HF_HUB_OFFLINE"] = "1"
@@ -169,11 +171,18 @@ def stop_app(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+ADMIN_TOKEN = "test-admin-token"  # enables DELETE /cache on the session app
+
+
 @pytest.fixture(scope="session")
 def tiny_app(tmp_path_factory, redis_server):
     """The real app from configs/tiny.yaml, started once per test session."""
     workdir = tmp_path_factory.mktemp("tiny-app")
-    proc, app = start_app(ROOT / "configs" / "tiny.yaml", workdir, redis_server.url)
+    config = ROOT / "configs" / "tiny.yaml"
+    cache = yaml.safe_load(config.read_text())["applications"][0]["args"]["cache"]
+    proc, app = start_app(
+        config, workdir, redis_server.url, cache={**cache, "admin_token": ADMIN_TOKEN}
+    )
     try:
         yield app
     finally:

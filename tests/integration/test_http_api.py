@@ -9,7 +9,6 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
 import pytest
-import redis
 
 pytestmark = pytest.mark.integration
 PREFIX = "gpt2serve-tiny"
@@ -17,19 +16,6 @@ PREFIX = "gpt2serve-tiny"
 
 def unique(text: str = "prompt") -> str:
     return f"{text} {uuid.uuid4().hex[:12]}"
-
-
-@pytest.fixture(scope="module")
-def client(tiny_app):
-    with tiny_app.client() as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def rds(tiny_app):
-    r = redis.Redis.from_url(tiny_app.redis_url)
-    yield r
-    r.close()
 
 
 def generate(client, **body):
@@ -78,12 +64,11 @@ def test_max_length_is_total_tokens(client):
     assert rec["usage"]["completion_tokens"] >= 1
 
 
-def test_greedy_is_deterministic_without_the_cache(client, rds):
+def test_greedy_is_deterministic_without_the_cache(client):
     prompt = unique("determinism")
     (first,) = generate(client, prompts=[prompt], max_new_tokens=16)
-    for key in rds.scan_iter(f"{PREFIX}:resp:*"):
-        rds.delete(key)  # force a second real generation
-    (second,) = generate(client, prompts=[prompt], max_new_tokens=16)
+    # opting out of the cache forces a second real generation
+    (second,) = generate(client, prompts=[prompt], max_new_tokens=16, cache=False)
     assert first["cached"] is False and second["cached"] is False
     assert first["generated_text"] == second["generated_text"]
 
@@ -252,7 +237,7 @@ def test_healthz(client):
     assert r.status_code == 200
     body = r.json()
     assert body["status"] == "ok"
-    assert body["redis"] == {"status": "ok", "mode": "external"}
+    assert body["redis"] == {"status": "ok", "mode": "external", "breaker": "closed"}
     assert body["database"]["status"] == "ok"
     assert body["generator"]["status"] == "ok"
 
@@ -278,7 +263,9 @@ def test_concurrent_requests_are_batched(client):
         responses = list(pool.map(one, range(32)))
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses][:3]
     after = client.get("/stats").json()["generator"]
-    served = after["batched_requests"] - before["batched_requests"]
-    batches = after["batches"] - before["batches"]
-    assert served >= 32
-    assert batches < served  # some requests shared a forward pass
+    admitted = after["admitted_requests"] - before["admitted_requests"]
+    steps = after["decode_steps"] - before["decode_steps"]
+    tokens = after["tokens_generated"] - before["tokens_generated"]
+    assert admitted == 32
+    assert 1 < after["max_rows_per_step"] <= 8  # configs/tiny.yaml: max_batch_size 8
+    assert steps < tokens  # requests shared forward passes

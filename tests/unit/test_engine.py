@@ -93,3 +93,44 @@ def test_stream_drops_finished_rows_and_ids_stay_in_vocab(decoder):
     for step in steps:
         for event in step:
             assert event.token_id is None or 0 <= event.token_id < decoder.vocab_limit
+
+
+def test_rows_joining_a_running_batch_get_what_a_lone_request_would(decoder):
+    first = [
+        req("Hello there", max_new_tokens=12),
+        req("A much longer prompt that starts the batch wide", max_new_tokens=3),
+    ]
+    late = [
+        req("Late", max_new_tokens=10),
+        req("Sampled late arrival", temperature=0.9, seed=9, max_new_tokens=10),
+        req(
+            "An even longer prompt that arrives late and is wider than the batch so far",
+            max_new_tokens=6,
+        ),
+    ]
+    rows, _ = decoder.prepare(first)
+    batch = decoder.prefill(rows)
+    for _ in range(4):  # the 3-token row retires meanwhile, trimming the cache
+        batch.step()
+    assert len(batch) == 1
+    late_rows, _ = decoder.prepare(late)
+    batch.admit(late_rows)
+    assert len(batch) == 4
+    while batch.rows:
+        batch.step()
+    for request, row in zip(first + late, rows + late_rows, strict=True):
+        assert decoder.tokenizer.decode(row.tokens) == lone(decoder, request).completion, request
+
+
+def test_dropped_rows_stop_and_the_rest_continue(decoder):
+    rows, _ = decoder.prepare([req("keep me", max_new_tokens=8), req("drop me", max_new_tokens=8)])
+    batch = decoder.prefill(rows)
+    batch.step()
+    batch.drop([rows[1]])
+    while batch.rows:
+        batch.step()
+    assert len(rows[1].tokens) == 1
+    assert (
+        decoder.tokenizer.decode(rows[0].tokens)
+        == lone(decoder, req("keep me", max_new_tokens=8)).completion
+    )

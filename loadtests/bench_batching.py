@@ -1,0 +1,401 @@
+"""Dynamic-batching benchmark: the service against raw transformers `generate()`, in one run.
+
+    make bench          # concurrency 1,4,8,16,32,64; batching on and off; dtypes; mixed lengths
+    make bench-quick    # the same questions, fewer levels and shorter windows (< 5 minutes)
+    .venv/bin/python loadtests/bench_batching.py --help
+
+1. Raw: the gpt2-124M-architecture stand-in in this process, `model.generate()` (greedy, fp32,
+   exactly N new tokens) at several batch sizes. This is the baseline; the service is not
+   running meanwhile.
+2. Service: `serve run configs/bench.yaml` (cache off, unique prompts), closed-loop users at each
+   concurrency level; tokens/s counts completion tokens of requests that finished inside the
+   measurement window (after a warm-up), latency is client-side end to end.
+3. The same levels with batching off (`max_batch_size: 1`, applied live through `user_config`).
+4. dtypes (bfloat16, int8-dynamic) and mixed `max_new_tokens` (8/16/32/64) at 32 users.
+
+Prints a table with the issue's target ratios, writes JSON and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.conftest import start_app, stop_app  # noqa: E402  (the same harness as the tests)
+
+WORDS = (
+    "river stone garden engine market silver quiet window morning story lantern harbor "
+    "paper orange winter signal forest bridge candle velvet thunder meadow copper island"
+).split()
+
+
+def make_prompt(rng: random.Random) -> str:
+    return " ".join(rng.choices(WORDS, k=10)) + f" {uuid.uuid4().hex[:4]}"
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
+# -- 1. raw generate() -------------------------------------------------------------------------
+def measure_raw(batch_sizes: list[int], new_tokens: int, reps: int, threads: int) -> dict:
+    import torch
+
+    from serve_app.config import AppArgs, ModelSpec, resolve_args
+    from serve_app.registry import load_model, prepare_model
+
+    torch.set_num_threads(threads)
+    spec = ModelSpec(id="gpt2", architecture="gpt2", seed=0)
+    standin_dir = Path(resolve_args(AppArgs(models=[spec])).standin_dir)
+    info = prepare_model(spec, standin_dir, 1.0, True)
+    loaded = load_model(spec, info, standin_dir)
+    model, tok = loaded.model, loaded.tokenizer
+    tok.padding_side = "left"
+    rng = random.Random(0)
+
+    def run(batch: int, n: int) -> float:
+        enc = tok([make_prompt(rng) for _ in range(batch)], return_tensors="pt", padding=True)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(
+                **enc,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=loaded.eos_token_id,
+            )
+        elapsed = time.perf_counter() - started
+        assert out.shape[1] - enc["input_ids"].shape[1] == n
+        return elapsed
+
+    run(1, 4)  # warm-up
+    results = {}
+    for batch in batch_sizes:
+        times = [run(batch, new_tokens) for _ in range(reps)]
+        latency = statistics.median(times)
+        results[batch] = {"latency_s": latency, "tok_s": batch * new_tokens / latency}
+        print(
+            f"  raw generate() batch {batch:>3}: {results[batch]['tok_s']:7.1f} tok/s, "
+            f"{latency:6.2f} s"
+        )
+    return results  # the model goes out of scope here, before the service starts
+
+
+# -- 2. service under closed-loop load ----------------------------------------------------------
+async def wait_idle(client: httpx.AsyncClient, timeout_s: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        gen = (await client.get("/stats")).json().get("generator", {})
+        if gen.get("queued", 1) == 0 and gen.get("active_rows", 1) == 0:
+            return
+        await asyncio.sleep(0.5)
+    raise RuntimeError("generator did not drain")
+
+
+async def closed_loop(
+    base_url: str,
+    users: int,
+    warmup_s: float,
+    duration_s: float,
+    model: str = "gpt2",
+    lengths: list[int] | None = None,
+    new_tokens: int = 32,
+    drain_s: float = 60.0,
+) -> dict:
+    """`users` clients each send one request at a time; measure inside [warmup, warmup+duration]."""
+    rng = random.Random(users)
+    done: list[tuple[float, float, int, int]] = []  # (finished_at, latency, tokens, max_new)
+    errors: list[str] = []
+    limits = httpx.Limits(max_connections=users + 8, max_keepalive_connections=users + 8)
+    async with httpx.AsyncClient(base_url=base_url, timeout=900, limits=limits) as client:
+        await wait_idle(client)
+        start = time.perf_counter()
+        window = (start + warmup_s, start + warmup_s + duration_s)
+
+        async def user(i: int) -> None:
+            n = 0
+            while time.perf_counter() < window[1]:
+                budget = lengths[(i + n) % len(lengths)] if lengths else new_tokens
+                n += 1
+                body = {"prompts": [make_prompt(rng)], "max_new_tokens": budget, "model": model}
+                sent = time.perf_counter()
+                r = await client.post("/generate", json=body)
+                finished = time.perf_counter()
+                if r.status_code != 200:
+                    errors.append(f"{r.status_code} {r.text[:120]}")
+                    continue
+                tokens = r.json()[0]["usage"]["completion_tokens"]
+                done.append((finished, finished - sent, tokens, budget))
+
+        tasks = [asyncio.create_task(user(i)) for i in range(users)]
+        # Users stop sending at the window's end; requests in flight still finish (they overlap
+        # the window) unless that takes longer than `drain_s`.
+        _, late = await asyncio.wait(tasks, timeout=window[1] - time.perf_counter() + drain_s)
+        for t in late:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+        await wait_idle(client)
+    # Closed-loop users fall into lock-step rounds; counting whole requests that finish inside
+    # the window would quantise throughput to whole rounds. Each request's tokens are instead
+    # pro-rated by how much of its lifetime lies inside the window.
+    tokens = 0.0
+    for finished, latency, n, _ in done:
+        sent = finished - latency
+        overlap = min(finished, window[1]) - max(sent, window[0])
+        if overlap > 0:
+            tokens += n * overlap / latency
+    inside = [d for d in done if window[0] <= d[0] <= window[1]]
+    latencies = [d[1] for d in inside]
+    result = {
+        "users": users,
+        "requests": len(inside),
+        "tok_s": tokens / duration_s,
+        "p50_s": pct(latencies, 0.50),
+        "p95_s": pct(latencies, 0.95),
+        "errors": len(errors),
+        "abandoned": len(late),
+    }
+    if lengths:
+        result["by_length"] = {
+            n: {
+                "requests": len([d for d in inside if d[3] == n]),
+                "p50_s": pct([d[1] for d in inside if d[3] == n], 0.5),
+            }
+            for n in lengths
+        }
+    if errors:
+        print(f"    {len(errors)} errors, e.g. {errors[0]}")
+    return result
+
+
+def dashboard_url(log: Path) -> str:
+    match = re.search(r"dashboard at (?:http://)?([\d.]+:\d+)", log.read_text(errors="replace"))
+    return f"http://{match.group(1)}" if match else "http://127.0.0.1:8265"
+
+
+def set_max_batch_size(cfg_path: Path, log: Path, value: int) -> None:
+    """Change the generator's user_config live, as an operator would (`serve deploy`)."""
+    spec = yaml.safe_load(cfg_path.read_text())
+    for dep in spec["applications"][0]["deployments"]:
+        if dep["name"] == "Generator":
+            dep["user_config"]["max_batch_size"] = value
+    cfg_path.write_text(yaml.safe_dump(spec))
+    serve_bin = Path(sys.executable).parent / "serve"
+    subprocess.run(
+        [str(serve_bin), "deploy", str(cfg_path), "-a", dashboard_url(log)],
+        check=True,
+        capture_output=True,
+    )
+
+
+async def current_max_batch(base_url: str) -> int:
+    async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+        return (await client.get("/stats")).json()["generator"].get("max_batch_size", -1)
+
+
+async def run_service(args, raw: dict, workdir: Path) -> dict:
+    out: dict = {"on": {}, "off": {}, "dtype": {}, "mixed": None}
+    # A private cluster on loopback, started and stopped by this run: no dashboard token, so
+    # `serve deploy` can change user_config live as an operator would.
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    proc, app = start_app(ROOT / "configs" / "bench.yaml", workdir, None)
+    cfg_path = workdir / "serve_config.yaml"
+    try:
+        async with httpx.AsyncClient(base_url=app.base_url, timeout=600) as client:
+            for model in ("gpt2", "gpt2-bf16", "gpt2-int8"):  # load (and warm) every model
+                body = {"prompts": ["warm up"], "max_new_tokens": 4, "model": model}
+                (await client.post("/generate", json=body)).raise_for_status()
+
+        def windows(users: int, batching: bool) -> tuple[float, float]:
+            ref = raw.get(min(users, 32)) or raw[max(raw)]
+            one_round = ref["latency_s"] * (1 if batching else users)
+            warmup = min(one_round, 20.0) + 2.0
+            return warmup, max(args.duration, 2.5 * ref["latency_s"])
+
+        for users in args.levels:
+            w, d = windows(users, True)
+            r = await closed_loop(app.base_url, users, w, d, new_tokens=args.new_tokens)
+            out["on"][users] = r
+            print(
+                f"  service, batching on,  {users:>2} users: {r['tok_s']:7.1f} tok/s, "
+                f"p50 {r['p50_s']:6.2f} s, p95 {r['p95_s']:6.2f} s ({r['requests']} req)"
+            )
+
+        w, d = windows(32, True)
+        for model in ("gpt2-bf16", "gpt2-int8"):
+            r = await closed_loop(app.base_url, 32, w, d, model=model, new_tokens=args.new_tokens)
+            out["dtype"][model] = r
+            print(
+                f"  service, {model:>9}, 32 users: {r['tok_s']:7.1f} tok/s, p50 {r['p50_s']:6.2f} s"
+            )
+
+        r = await closed_loop(app.base_url, 32, w, d * 1.5, lengths=[8, 16, 32, 64])
+        out["mixed"] = r
+        per = ", ".join(f"{n}: p50 {v['p50_s']:.2f} s" for n, v in r["by_length"].items())
+        print(f"  service, mixed lengths, 32 users: {r['tok_s']:7.1f} useful tok/s ({per})")
+
+        set_max_batch_size(cfg_path, app.log, 1)
+        for _ in range(60):
+            if await current_max_batch(app.base_url) == 1:
+                break
+            await asyncio.sleep(1)
+        else:
+            raise RuntimeError("batching-off user_config was not applied")
+        for users in args.levels:
+            w, d = windows(users, False)
+            r = await closed_loop(app.base_url, users, w, d, new_tokens=args.new_tokens)
+            out["off"][users] = r
+            print(
+                f"  service, batching off, {users:>2} users: {r['tok_s']:7.1f} tok/s, "
+                f"p50 {r['p50_s']:6.2f} s ({r['requests']} req)"
+            )
+    finally:
+        stop_app(proc)
+    return out
+
+
+# -- report ---------------------------------------------------------------------------------------
+def report(raw: dict, svc: dict, args) -> dict:
+    on, off = svc["on"], svc["off"]
+    checks = []
+
+    def check(name: str, value: float, target: str, ok: bool) -> None:
+        checks.append({"check": name, "value": round(value, 3), "target": target, "ok": ok})
+
+    if 32 in on and 32 in raw:
+        tput = on[32]["tok_s"] / raw[32]["tok_s"]
+        lat = on[32]["p50_s"] / raw[32]["latency_s"]
+        check("32 users: service tok/s / raw batch-32 tok/s", tput, ">= 0.85", tput >= 0.85)
+        check("32 users: service p50 / raw batch-32 latency", lat, "<= 1.25", lat <= 1.25)
+    if 1 in on and 1 in raw:
+        lat1 = on[1]["p50_s"] / raw[1]["latency_s"]
+        check("1 user: service p50 / raw batch-1 latency", lat1, "<= 1.10", lat1 <= 1.10)
+    for users in args.levels:
+        if users in on and users in off:
+            ratio = on[users]["tok_s"] / max(off[users]["tok_s"], 1e-9)
+            check(f"{users} users: batching on / off tok/s", ratio, ">= 1.0", ratio >= 1.0)
+    if 32 in on:
+        for model, r in svc["dtype"].items():
+            speedup = r["tok_s"] / on[32]["tok_s"]
+            target = ">= 2.0" if model == "gpt2-bf16" else "report"
+            check(
+                f"32 users: {model} / float32 tok/s",
+                speedup,
+                target,
+                speedup >= 2.0 if model == "gpt2-bf16" else True,
+            )
+    mixed = svc.get("mixed")
+    if mixed:
+        bl = mixed["by_length"]
+        ratio = bl[8]["p50_s"] / bl[64]["p50_s"]
+        check("mixed lengths: p50(8 tokens) / p50(64 tokens)", ratio, "report", True)
+
+    print("\nusers | raw tok/s | on tok/s | on p50 s | on p95 s | off tok/s | off p50 s")
+    for users in args.levels:
+        r = raw.get(users, {})
+        a, b = on.get(users, {}), off.get(users, {})
+        print(
+            f"{users:>5} | {r.get('tok_s', float('nan')):>9.1f} | {a.get('tok_s', 0):>8.1f} | "
+            f"{a.get('p50_s', 0):>8.2f} | {a.get('p95_s', 0):>8.2f} | {b.get('tok_s', 0):>9.1f} | "
+            f"{b.get('p50_s', 0):>9.2f}"
+        )
+    print("\nTarget check" + " " * 44 + "| value  | target  | ok")
+    for c in checks:
+        verdict = "PASS" if c["ok"] else "FAIL"
+        print(f"{c['check']:<56}| {c['value']:<6} | {c['target']:<7} | {verdict}")
+    return {"checks": checks}
+
+
+def plot(raw: dict, svc: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, series, style in (
+        ("batching on", svc["on"], "o-"),
+        ("batching off", svc["off"], "s--"),
+    ):
+        xs = sorted(series)
+        ax1.plot(xs, [series[x]["tok_s"] for x in xs], style, label=name)
+        ax2.plot(xs, [series[x]["p50_s"] for x in xs], style, label=f"{name} p50")
+    xs = sorted(raw)
+    ax1.plot(xs, [raw[x]["tok_s"] for x in xs], "k:", label="raw generate() at batch = users")
+    ax2.plot(xs, [raw[x]["latency_s"] for x in xs], "k:", label="raw generate() latency")
+    for ax, title, ylabel in ((ax1, "Throughput", "tokens/s"), (ax2, "Latency", "seconds")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent users (closed loop)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("gpt2-124M stand-in, fp32, 32 new tokens, 2 CPU cores")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer levels, shorter windows")
+    parser.add_argument("--levels", type=int, nargs="+", help="concurrency levels")
+    parser.add_argument("--duration", type=float, help="measurement window per level, seconds")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "batching.json")
+    parser.add_argument("--plot", type=Path, default=ROOT / "bench-results" / "batching.png")
+    args = parser.parse_args()
+    args.levels = args.levels or ([1, 8, 32] if args.quick else [1, 4, 8, 16, 32, 64])
+    args.duration = args.duration or (12.0 if args.quick else 40.0)
+
+    started = time.time()
+    print("1. raw generate()")
+    raw = measure_raw(
+        sorted(set(args.levels) | {1, 32}), args.new_tokens, 2 if args.quick else 3, args.threads
+    )
+    print("2. service (configs/bench.yaml)")
+    workdir = Path(os.environ.get("BENCH_WORKDIR", ROOT / "bench-results" / "run"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    svc = asyncio.run(run_service(args, raw, workdir))
+    checks = report(raw, svc, args)
+    results = {
+        "machine": {"cpus": os.cpu_count(), "threads": args.threads},
+        "new_tokens": args.new_tokens,
+        "levels": args.levels,
+        "duration_s": args.duration,
+        "raw": raw,
+        "service": svc,
+        **checks,
+        "elapsed_s": round(time.time() - started, 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2, default=str))
+    plot(raw, svc, args.plot)
+    print(f"\nwrote {args.out} and {args.plot} in {results['elapsed_s']} s")
+
+
+if __name__ == "__main__":
+    main()

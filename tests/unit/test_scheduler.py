@@ -1,0 +1,145 @@
+"""The continuous-batching decode loop, driven from asyncio as the generator replica drives it,
+on real tiny GPT-2 stand-ins."""
+
+import asyncio
+
+import pytest
+
+from serve_app.config import ModelSpec
+from serve_app.domain import GenerationRequest, GenerationResult, SamplingParams
+from serve_app.engine import BatchDecoder
+from serve_app.errors import PromptTooLongError
+from serve_app.registry import load_model, resolve_model
+from serve_app.scheduler import Scheduler
+
+
+def _decoder(root, seed: int, model_id: str) -> BatchDecoder:
+    spec = ModelSpec(id=model_id, architecture="tiny", seed=seed)
+    return BatchDecoder(load_model(spec, resolve_model(spec, root, 1.0, True), root))
+
+
+@pytest.fixture(scope="module")
+def decoders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("standins")
+    return _decoder(root, 1, "m1"), _decoder(root, 2, "m2")
+
+
+@pytest.fixture
+def scheduler():
+    s = Scheduler(max_batch_size=4)
+    yield s
+    s.stop()
+
+
+def req(prompt: str, model: str = "m1", **params) -> GenerationRequest:
+    return GenerationRequest(model, prompt, SamplingParams(**params))
+
+
+async def until(predicate, timeout_s: float = 30.0) -> None:
+    """Wait for the decode thread's progress (a thread, so no asyncio.Event to await)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not predicate():
+        assert loop.time() < deadline, "decode loop made no progress"
+        await asyncio.sleep(0.005)
+
+
+def lone(decoder: BatchDecoder, request: GenerationRequest) -> str:
+    (result,) = decoder.generate([request])
+    return result.completion
+
+
+async def test_concurrent_requests_match_lone_results_and_respect_the_cap(decoders, scheduler):
+    d1, _ = decoders
+    requests = [req(f"prompt number {i}", max_new_tokens=5 + i) for i in range(10)]
+    requests.append(req("sampled", temperature=1.1, top_p=0.9, seed=4, max_new_tokens=9))
+    futures = scheduler.submit(d1, requests)
+    results = await asyncio.gather(*futures)
+    for request, result in zip(requests, results, strict=True):
+        assert isinstance(result, GenerationResult)
+        assert result.completion == lone(d1, request)
+    assert 1 < scheduler.stats.max_rows <= 4
+    assert scheduler.stats.admitted == len(requests)
+
+
+async def test_a_late_short_request_does_not_wait_for_a_long_one(decoders, scheduler):
+    d1, _ = decoders
+    (long_future,) = scheduler.submit(d1, [req("a long story", max_new_tokens=200)])
+    await until(lambda: scheduler.stats.steps >= 5)
+    (short_future,) = scheduler.submit(d1, [req("quick", max_new_tokens=2)])
+    short = await short_future
+    assert not long_future.done()  # admitted mid-flight and answered first
+    assert short.completion == lone(d1, req("quick", max_new_tokens=2))
+    assert (await long_future).completion_tokens == 200
+
+
+async def test_errors_resolve_only_their_own_request(decoders, scheduler):
+    d1, _ = decoders
+    ok, bad = scheduler.submit(d1, [req("fine", max_new_tokens=3), req("word " * 600)])
+    assert isinstance(await ok, GenerationResult)
+    with pytest.raises(PromptTooLongError):
+        await bad
+
+
+async def test_cancelled_request_leaves_the_batch(decoders, scheduler):
+    d1, _ = decoders
+    keep, drop = scheduler.submit(
+        d1, [req("keep", max_new_tokens=30), req("drop", max_new_tokens=250)]
+    )
+    await until(lambda: scheduler.stats.steps >= 3)
+    drop.cancel()
+    await keep
+    await asyncio.sleep(0.05)
+    assert scheduler.stats.tokens < 30 + 250
+
+
+async def test_two_models_decode_side_by_side(decoders, scheduler):
+    d1, d2 = decoders
+    r1 = req("same prompt", "m1", max_new_tokens=8)
+    r2 = req("same prompt", "m2", max_new_tokens=8)
+    a, b = await asyncio.gather(*scheduler.submit(d1, [r1]), *scheduler.submit(d2, [r2]))
+    assert a.completion == lone(d1, r1) and b.completion == lone(d2, r2)
+    assert a.completion != b.completion
+
+
+async def test_capacity_changes_apply_live(decoders, scheduler):
+    d1, _ = decoders
+    scheduler.max_batch_size = 1
+    await asyncio.gather(*scheduler.submit(d1, [req(f"p{i}", max_new_tokens=3) for i in range(3)]))
+    assert scheduler.stats.max_rows == 1
+
+
+async def test_newcomers_to_a_running_batch_are_prefilled_together(decoders):
+    d1, _ = decoders
+    s = Scheduler(max_batch_size=8, admit_min_rows=3, admit_max_wait_s=30.0)
+    try:
+        (long_future,) = s.submit(d1, [req("the long one", max_new_tokens=500)])
+        await until(lambda: s.stats.steps >= 2)
+        assert s.stats.prefills == 1  # an idle model admits at once
+        futures = []
+        for i in range(3):  # arrive one by one while the batch runs
+            futures += s.submit(d1, [req(f"newcomer {i}", max_new_tokens=2)])
+            await asyncio.sleep(0.005)
+        assert not long_future.done()  # the premise: they arrived while it ran
+        results = await asyncio.gather(*futures)
+        assert s.stats.prefills == 2  # the three joined in one prefill
+        for i, r in enumerate(results):
+            assert r.completion == lone(d1, req(f"newcomer {i}", max_new_tokens=2))
+        assert not long_future.done()
+    finally:
+        s.stop()
+
+
+async def test_a_held_newcomer_is_admitted_when_overdue(decoders):
+    d1, _ = decoders
+    s = Scheduler(max_batch_size=8, admit_min_rows=5, admit_max_wait_s=0.2)
+    try:
+        (long_future,) = s.submit(d1, [req("the long one", max_new_tokens=500)])
+        await until(lambda: s.stats.steps >= 2)
+        (alone,) = s.submit(d1, [req("alone", max_new_tokens=2)])
+        result = await alone
+        assert result.completion_tokens == 2
+        assert s.stats.queue_wait_s >= 0.2  # it was held for company, then let in
+        assert not long_future.done()
+    finally:
+        s.stop()
