@@ -57,7 +57,7 @@ class FeedbackRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    rating: int = Field(ge=1, le=5, description="1 (bad) to 5 (good).")
+    rating: int = Field(ge=1, le=5, strict=True, description="1 (bad) to 5 (good); a JSON integer.")
     comment: str | None = Field(default=None, max_length=MAX_FEEDBACK_COMMENT_CHARS)
 
 

@@ -177,6 +177,8 @@ def test_feedback_is_stored_and_visible_on_the_record(client: httpx.Client) -> N
         ("/generations/{id}/feedback", {"rating": 0}, 422, "validation_error"),
         ("/generations/{id}/feedback", {"rating": 6}, 422, "validation_error"),
         ("/generations/{id}/feedback", {"rating": "good"}, 422, "validation_error"),
+        ("/generations/{id}/feedback", {"rating": True}, 422, "validation_error"),
+        ("/generations/{id}/feedback", {"rating": 4.5}, 422, "validation_error"),
         ("/generations/{id}/feedback", {"rating": 3, "comment": "x" * 2001}, 422, None),
         ("/generations/{id}/feedback", {"rating": 3, "extra": 1}, 422, "validation_error"),
         ("/generations/{id}/feedback", {}, 422, "validation_error"),
