@@ -50,5 +50,18 @@ URL ?=
 bench-cache: install
 	$(BIN)/python loadtests/bench_cache.py $(if $(URL),--url $(URL))
 
+# The system of record: migrate ahead of a deploy, apply retention, measure (see docs/persistence.md).
+# CONFIG is the Serve config whose database_url (or env DATABASE_URL) is meant.
+CONFIG ?= serve_config.yaml
+.PHONY: db-upgrade db-purge bench-persistence
+db-upgrade: install
+	$(BIN)/python -m serve_app.db --config $(CONFIG) upgrade
+
+db-purge: install
+	$(BIN)/python -m serve_app.db --config $(CONFIG) purge $(if $(DAYS),--older-than-days $(DAYS))
+
+bench-persistence: install
+	$(BIN)/python loadtests/bench_persistence.py
+
 clean:
 	rm -rf $(VENV) data .pytest_cache .ruff_cache *.egg-info

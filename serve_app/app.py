@@ -9,7 +9,7 @@ from typing import Any
 
 from ray.serve import Application
 
-from serve_app.config import AppArgs, BatchingConfig, resolve_args
+from serve_app.config import AppArgs, BatchingConfig, PersistenceTuning, resolve_args
 from serve_app.generator import Generator
 from serve_app.ingress import Ingress
 from serve_app.persistence import Persistence
@@ -39,6 +39,7 @@ DEFAULT_DEPLOYMENT_OPTIONS: dict[str, dict[str, Any]] = {
         "num_replicas": 1,  # SQLite has one writer; group commit makes one replica enough
         "max_ongoing_requests": 512,
         "ray_actor_options": {"num_cpus": 0.1},
+        "user_config": PersistenceTuning().model_dump(),
     },
 }
 
@@ -46,5 +47,7 @@ DEFAULT_DEPLOYMENT_OPTIONS: dict[str, dict[str, Any]] = {
 def build_app(args: AppArgs) -> Application:
     args = resolve_args(args)
     generator = Generator.options(**DEFAULT_DEPLOYMENT_OPTIONS["Generator"]).bind(args)
-    store = Persistence.options(**DEFAULT_DEPLOYMENT_OPTIONS["Persistence"]).bind(args.database_url)
+    store = Persistence.options(**DEFAULT_DEPLOYMENT_OPTIONS["Persistence"]).bind(
+        args.database_url, args.persistence
+    )
     return Ingress.options(**DEFAULT_DEPLOYMENT_OPTIONS["Ingress"]).bind(args, generator, store)

@@ -102,6 +102,38 @@ class BatchingConfig(_Strict):
     )
 
 
+class PersistenceTuning(_Strict):
+    """The Persistence deployment's `user_config`: applied live in `reconfigure()`, no restart."""
+
+    group_commit: bool = Field(
+        default=True,
+        description="Commit every pending write in one transaction. False commits each row on "
+        "its own (the benchmark's baseline).",
+    )
+    max_rows_per_commit: int = Field(
+        default=1024, ge=1, le=100_000, description="Upper bound on the rows of one transaction."
+    )
+
+
+class PersistenceOptions(_Strict):
+    """The system of record's settings fixed at start-up."""
+
+    retention_days: float | None = Field(
+        default=None,
+        gt=0,
+        description="Delete records older than this many days (hourly, and by `python -m "
+        "serve_app.db purge`). None keeps everything.",
+    )
+    purge_interval_s: float = Field(
+        default=3600.0, gt=0, description="How often the deployment applies `retention_days`."
+    )
+    write_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="How long a request waits for its record to commit before it gets a 503.",
+    )
+
+
 class CacheOptions(_Strict):
     """The response cache: an in-process L1 per ingress replica in front of a Redis L2.
 
@@ -208,6 +240,7 @@ class AppArgs(_Strict):
     )
     cache: CacheOptions = Field(default_factory=CacheOptions)
     generator: GeneratorOptions = Field(default_factory=GeneratorOptions)
+    persistence: PersistenceOptions = Field(default_factory=PersistenceOptions)
 
     @field_validator("models")
     @classmethod

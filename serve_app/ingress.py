@@ -8,9 +8,10 @@ Wire types live in `schemas`, the request logic in `service`, error mapping in `
 import asyncio
 import hmac
 import logging
+from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Header, Path, Query
+from fastapi import FastAPI, Header, Path, Query, Response
 from ray import serve
 from ray.exceptions import RayError
 from ray.serve.exceptions import BackPressureError
@@ -25,12 +26,16 @@ from serve_app.errors import (
     NotFoundError,
     UnauthorizedError,
 )
+from serve_app.etag import conditional_json
+from serve_app.group_commit import GroupCommitter
 from serve_app.http_errors import as_serve_error, install_error_handlers
 from serve_app.redis_server import EmbeddedRedis
 from serve_app.redis_tier import RedisTier
 from serve_app.registry import resolve_model
 from serve_app.schemas import (
     CacheInvalidation,
+    Feedback,
+    FeedbackRequest,
     GenerateRequest,
     GenerationRecord,
     HistoryPage,
@@ -39,7 +44,7 @@ from serve_app.schemas import (
     Usage,
 )
 from serve_app.service import Answer, GenerateCommand, GenerationService, ModelCatalog
-from serve_app.store import NewGeneration, StoredGeneration
+from serve_app.store import NewGeneration, Receipt, StoredGeneration
 from serve_app.tiered_cache import TieredCache
 
 logger = logging.getLogger("ray.serve")
@@ -81,16 +86,33 @@ async def _probe(response: Any) -> Any:
 class HandleBackend:
     """The service's backend, reached through Ray Serve deployment handles."""
 
-    def __init__(self, generator: DeploymentHandle, store: DeploymentHandle) -> None:
+    def __init__(
+        self, generator: DeploymentHandle, store: DeploymentHandle, write_timeout_s: float
+    ) -> None:
         self.generator = generator
         self.store = store
+        self.write_timeout_s = write_timeout_s
+        # Requests finishing together share one `record` call (a handle call costs more than a
+        # row). Never retried: a call that failed may still have committed.
+        self.recorder: GroupCommitter[NewGeneration, StoredGeneration] = GroupCommitter(
+            self._record_call, concurrency=2, isolate_failures=False
+        )
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         handle = self.generator.options(multiplexed_model_id=request.model_id)
         return await _call(handle.generate.remote(request), "generator")
 
     async def record(self, rows: list[NewGeneration]) -> list[StoredGeneration]:
-        return await _call(self.store.record.remote(rows), "persistence")
+        return await self.recorder.submit(rows)
+
+    async def _record_call(self, rows: list[NewGeneration]) -> list[StoredGeneration]:
+        # A timed-out write is a 503 even if it commits later: no id is ever answered uncommitted.
+        receipts: list[Receipt] = await _call(
+            self.store.record.remote(rows), "persistence", self.write_timeout_s
+        )
+        if len(receipts) != len(rows):
+            raise DependencyUnavailableError("persistence answered with the wrong number of rows")
+        return [StoredGeneration.committed(r, k) for r, k in zip(rows, receipts, strict=True)]
 
 
 def to_record(stored: StoredGeneration) -> GenerationRecord:
@@ -104,6 +126,13 @@ def to_record(stored: StoredGeneration) -> GenerationRecord:
         cached=stored.cached,
         user_id=stored.user_id,
         usage=Usage(prompt_tokens=stored.prompt_tokens, completion_tokens=stored.completion_tokens),
+        feedback=None
+        if stored.feedback_rating is None
+        else Feedback(
+            rating=stored.feedback_rating,
+            comment=stored.feedback_comment,
+            created_at=stored.to_dict()["feedback_at"],
+        ),
     )
 
 
@@ -139,7 +168,10 @@ class Ingress:
         self.metrics = CacheMetrics(self.cache.snapshot)
         self._metrics_task = asyncio.get_running_loop().create_task(self.metrics.run())
         self.service = GenerationService(
-            args, self.catalog, self.cache, HandleBackend(generator, store)
+            args,
+            self.catalog,
+            self.cache,
+            HandleBackend(generator, store, args.persistence.write_timeout_s),
         )
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -180,17 +212,36 @@ class Ingress:
         cursor: Annotated[str | None, Query(max_length=512)] = None,
         user_id: Annotated[str | None, Query(max_length=128)] = None,
         model: Annotated[str | None, Query(max_length=64)] = None,
-    ) -> HistoryPage:
+        since: Annotated[datetime | None, Query(description="Inclusive; ISO 8601.")] = None,
+        until: Annotated[datetime | None, Query(description="Exclusive; ISO 8601.")] = None,
+        if_none_match: Annotated[str | None, Header()] = None,
+    ) -> Response:
         items, next_cursor = await _call(
-            self.store.history.remote(limit, cursor, user_id, model), "persistence"
+            self.store.history.remote(limit, cursor, user_id, model, since, until), "persistence"
         )
-        return HistoryPage(items=[to_record(s) for s in items], next_cursor=next_cursor)
+        page = HistoryPage(items=[to_record(s) for s in items], next_cursor=next_cursor)
+        return conditional_json(page, if_none_match)
 
     @api.get("/history/{generation_id}", response_model=GenerationRecord)
     async def history_item(
-        self, generation_id: Annotated[str, Path(max_length=64)]
-    ) -> GenerationRecord:
+        self,
+        generation_id: Annotated[str, Path(max_length=64)],
+        if_none_match: Annotated[str | None, Header()] = None,
+    ) -> Response:
         stored = await _call(self.store.get.remote(generation_id), "persistence")
+        if stored is None:
+            raise NotFoundError(f"no generation with id {generation_id!r}")
+        return conditional_json(to_record(stored), if_none_match)
+
+    @api.post("/generations/{generation_id}/feedback", response_model=GenerationRecord)
+    async def feedback(
+        self, generation_id: Annotated[str, Path(max_length=64)], body: FeedbackRequest
+    ) -> GenerationRecord:
+        stored = await _call(
+            self.store.set_feedback.remote(generation_id, body.rating, body.comment),
+            "persistence",
+            self.args.persistence.write_timeout_s,
+        )
         if stored is None:
             raise NotFoundError(f"no generation with id {generation_id!r}")
         return to_record(stored)
@@ -224,12 +275,15 @@ class Ingress:
 
     @api.get("/stats")
     async def stats(self) -> dict[str, Any]:
-        generator, records = await asyncio.gather(
-            _probe(self.generator.stats.remote()), _probe(self.store.count.remote())
+        generator, records, persistence = await asyncio.gather(
+            _probe(self.generator.stats.remote()),
+            _probe(self.store.count.remote()),
+            _probe(self.store.stats.remote()),
         )
         snapshot = self.service.stats()
         snapshot["records_total"] = records
         snapshot["generator"] = generator
+        snapshot["persistence"] = persistence
         return snapshot
 
     @api.delete("/cache", response_model=CacheInvalidation)

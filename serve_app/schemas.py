@@ -6,6 +6,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_PROMPT_CHARS = 20_000
+MAX_FEEDBACK_COMMENT_CHARS = 2_000
 
 
 class GenerateRequest(BaseModel):
@@ -45,6 +46,21 @@ class Usage(BaseModel):
     completion_tokens: int
 
 
+class Feedback(BaseModel):
+    rating: int
+    comment: str | None = None
+    created_at: str = Field(description="When the feedback was given, ISO 8601, UTC.")
+
+
+class FeedbackRequest(BaseModel):
+    """Body of `POST /generations/{id}/feedback`; new feedback replaces earlier feedback."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rating: int = Field(ge=1, le=5, strict=True, description="1 (bad) to 5 (good); a JSON integer.")
+    comment: str | None = Field(default=None, max_length=MAX_FEEDBACK_COMMENT_CHARS)
+
+
 class GenerationRecord(BaseModel):
     id: str
     prompt: str
@@ -55,6 +71,7 @@ class GenerationRecord(BaseModel):
     cached: bool
     user_id: str | None = None
     usage: Usage
+    feedback: Feedback | None = None
 
 
 class HistoryPage(BaseModel):

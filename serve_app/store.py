@@ -5,6 +5,9 @@ this module is tested against a real SQLite file (and PostgreSQL) in millisecond
 
 History is paged by keyset on `(created_at, id)`, never OFFSET: a page costs the same however
 deep the client has walked, and rows inserted while a client pages never shift or repeat rows.
+
+The schema is owned by the Alembic scripts in `serve_app.migrations`; `Store.start()` applies
+them, so the models here and the newest revision must agree (a unit test compares them).
 """
 
 from __future__ import annotations
@@ -31,12 +34,14 @@ from sqlalchemy import (
     String,
     Text,
     and_,
+    delete,
     event,
     func,
     insert,
     or_,
     select,
     text,
+    update,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
@@ -44,10 +49,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from serve_app.errors import InvalidCursorError, InvalidRequestError
+from serve_app.migrations import upgrade_to_head
 
 __all__ = [
     "Generation",
     "NewGeneration",
+    "Receipt",
     "Store",
     "StoredGeneration",
     "decode_cursor",
@@ -64,13 +71,20 @@ class Generation(Base):
     """One served completion, with what produced it (model, revision, params) and its cost."""
 
     __tablename__ = "generations"
-    # The three keyset-paging paths: all rows, one user's rows, one model's rows. Their leading
-    # columns also serve plain `user_id = ?` / `model_name = ?` lookups, so separate single-column
-    # indexes on user_id and model_name would only add write cost.
+    # The keyset-paging paths: all rows, one user's, one model's, one user's with one model.
+    # Their leading columns also serve plain `user_id = ?` / `model_name = ?` lookups (and the
+    # purge's `created_at < ?`), so single-column indexes would only add write cost.
     __table_args__ = (
         Index("ix_generations_created_at_id", "created_at", "id"),
         Index("ix_generations_user_id_created_at_id", "user_id", "created_at", "id"),
         Index("ix_generations_model_name_created_at_id", "model_name", "created_at", "id"),
+        Index(
+            "ix_generations_user_id_model_name_created_at_id",
+            "user_id",
+            "model_name",
+            "created_at",
+            "id",
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
@@ -90,6 +104,7 @@ class Generation(Base):
     latency_ms: Mapped[float] = mapped_column(Float)
     feedback_rating: Mapped[int | None] = mapped_column(Integer)
     feedback_comment: Mapped[str | None] = mapped_column(Text)
+    feedback_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=False))
 
 
 @dataclass(frozen=True)
@@ -107,6 +122,18 @@ class NewGeneration:
     prompt_tokens: int
     completion_tokens: int
     latency_ms: float
+
+
+_NEW_FIELDS = tuple(f.name for f in dataclasses.fields(NewGeneration))
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """Proof that a row committed: what the store assigned to it. The writer already holds the
+    rest, so only this travels back across a DeploymentHandle."""
+
+    id: str
+    created_at: datetime  # aware, UTC
 
 
 @dataclass(frozen=True)
@@ -128,11 +155,25 @@ class StoredGeneration:
     latency_ms: float
     feedback_rating: int | None = None
     feedback_comment: str | None = None
+    feedback_at: datetime | None = None  # aware, UTC
+
+    @classmethod
+    def committed(cls, row: NewGeneration, receipt: Receipt) -> StoredGeneration:
+        """The stored form of `row`, from its receipt."""
+        return cls(
+            id=receipt.id,
+            created_at=receipt.created_at,
+            **{f: getattr(row, f) for f in _NEW_FIELDS},
+        )
+
+    def receipt(self) -> Receipt:
+        return Receipt(self.id, self.created_at)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready values; created_at as ISO 8601 with a `Z` suffix."""
+        """JSON-ready values; timestamps as ISO 8601 with a `Z` suffix."""
         out = dataclasses.asdict(self)
         out["created_at"] = _iso_z(self.created_at)
+        out["feedback_at"] = None if self.feedback_at is None else _iso_z(self.feedback_at)
         return out
 
 
@@ -239,6 +280,9 @@ def _stored(row: Generation) -> StoredGeneration:
         latency_ms=row.latency_ms,
         feedback_rating=row.feedback_rating,
         feedback_comment=row.feedback_comment,
+        feedback_at=None
+        if row.feedback_at is None
+        else row.feedback_at.replace(tzinfo=timezone.utc),
     )
 
 
@@ -275,6 +319,7 @@ class Store:
         self._engine: AsyncEngine | None = None
         self._sessions: async_sessionmaker | None = None
         self._start_lock = asyncio.Lock()
+        self.schema_revision: str | None = None
 
     @property
     def engine(self) -> AsyncEngine:
@@ -288,7 +333,7 @@ class Store:
         return self._url.get_backend_name() == "sqlite"
 
     async def start(self) -> None:
-        """Create the engine and the tables; calling it again is a no-op."""
+        """Create the engine and migrate the schema to the newest revision; again is a no-op."""
         async with self._start_lock:
             if self._engine is not None:
                 return
@@ -301,7 +346,7 @@ class Store:
             else:
                 engine = create_async_engine(self._url, pool_pre_ping=True)
             try:
-                await self._create_tables(engine)
+                self.schema_revision = await self._migrate(engine)
             except BaseException:
                 await engine.dispose()
                 raise
@@ -309,15 +354,16 @@ class Store:
             self._sessions = async_sessionmaker(engine, expire_on_commit=False)
 
     @staticmethod
-    async def _create_tables(engine: AsyncEngine) -> None:
+    async def _migrate(engine: AsyncEngine) -> str:
         try:
             async with engine.begin() as conn:
-                await conn.run_sync(Base.metadata.create_all)
+                return await conn.run_sync(upgrade_to_head)
         except DBAPIError:
-            # Two replicas starting together can both see "no table" and both CREATE; the loser
-            # fails. Its second pass finds the tables and creates nothing.
+            # On SQLite, two processes starting together (a replica and `python -m serve_app.db
+            # upgrade`) can both see "no table" and both CREATE; the loser fails. Its second pass
+            # finds the newest revision and does nothing. PostgreSQL serialises them with a lock.
             async with engine.begin() as conn:
-                await conn.run_sync(Base.metadata.create_all)
+                return await conn.run_sync(upgrade_to_head)
 
     async def close(self) -> None:
         """Release the pool; safe to call twice or before start()."""
@@ -334,12 +380,18 @@ class Store:
         """Insert all rows in one transaction (group commit) and return them once committed."""
         if not rows:
             return []
-        sessions = self._session_factory()
+        # Shallow copies: dataclasses.asdict deep-copies `params` and was half the cost of a
+        # 64-row commit. Core insert (one executemany) skips the ORM unit of work.
         values = [
-            {"id": new_id(), "created_at": _clock.now(), **dataclasses.asdict(row)} for row in rows
+            {
+                "id": new_id(),
+                "created_at": _clock.now(),
+                **{f: getattr(row, f) for f in _NEW_FIELDS},
+            }
+            for row in rows
         ]
-        async with sessions.begin() as session:
-            await session.execute(insert(Generation), values)
+        async with self.engine.begin() as conn:
+            await conn.execute(insert(Generation.__table__), values)
         return [
             StoredGeneration(**{**v, "created_at": v["created_at"].replace(tzinfo=timezone.utc)})
             for v in values
@@ -357,15 +409,26 @@ class Store:
         cursor: str | None = None,
         user_id: str | None = None,
         model: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
     ) -> tuple[list[StoredGeneration], str | None]:
-        """A page of rows, newest first, and the cursor of the next page (None on the last)."""
+        """A page of rows, newest first, and the cursor of the next page (None on the last).
+
+        `since` is inclusive and `until` exclusive; naive datetimes are taken as UTC.
+        """
         if limit < 1:
             raise InvalidRequestError("limit must be at least 1", limit=limit)
+        if since is not None and until is not None and _naive_utc(since) > _naive_utc(until):
+            raise InvalidRequestError("since must not be later than until")
         stmt = select(Generation)
         if user_id is not None:
             stmt = stmt.where(Generation.user_id == user_id)
         if model is not None:
             stmt = stmt.where(Generation.model_name == model)
+        if since is not None:
+            stmt = stmt.where(Generation.created_at >= _naive_utc(since))
+        if until is not None:
+            stmt = stmt.where(Generation.created_at < _naive_utc(until))
         if cursor is not None:
             after_at, after_id = decode_cursor(cursor)
             after_at = _naive_utc(after_at)
@@ -386,6 +449,53 @@ class Store:
         if len(rows) > limit:
             next_cursor = encode_cursor(items[-1].created_at, items[-1].id)
         return items, next_cursor
+
+    async def set_feedback(
+        self, id: str, rating: int, comment: str | None = None
+    ) -> StoredGeneration | None:
+        """Attach a 1-5 rating (and comment) to a record, replacing earlier feedback.
+
+        Returns the updated record once committed, or None if there is no such id.
+        """
+        if not 1 <= rating <= 5:
+            raise InvalidRequestError("rating must be between 1 and 5", rating=rating)
+        stmt = (
+            update(Generation)
+            .where(Generation.id == id)
+            .values(feedback_rating=rating, feedback_comment=comment, feedback_at=_clock.now())
+            .execution_options(synchronize_session=False)
+        )
+        async with self._session_factory().begin() as session:
+            if (await session.execute(stmt)).rowcount == 0:
+                return None
+            row = await session.get(Generation, id, populate_existing=True)
+            return None if row is None else _stored(row)
+
+    async def purge(self, older_than: datetime, chunk_rows: int = 5000) -> int:
+        """Delete rows created before `older_than`; returns how many.
+
+        Deletes oldest first in transactions of at most `chunk_rows`, so writers waiting on
+        SQLite's single write lock are held up for one short transaction at a time.
+        """
+        cutoff = _naive_utc(older_than)
+        oldest = (
+            select(Generation.id)
+            .where(Generation.created_at < cutoff)
+            .order_by(Generation.created_at)
+            .limit(chunk_rows)
+        )
+        stmt = (
+            delete(Generation)
+            .where(Generation.id.in_(oldest.scalar_subquery()))
+            .execution_options(synchronize_session=False)
+        )
+        total = 0
+        while True:
+            async with self._session_factory().begin() as session:
+                deleted = (await session.execute(stmt)).rowcount
+            total += deleted
+            if deleted < chunk_rows:
+                return total
 
     async def count(self) -> int:
         """Number of stored generations."""

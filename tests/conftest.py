@@ -3,12 +3,16 @@ the real application under `serve run` on a free port, driven over HTTP."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -19,6 +23,41 @@ from serve_app.redis_server import EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_S = 240
+# Set (e.g. by .ci/run when a server answers) to also run the persistence tests on PostgreSQL.
+POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL")
+needs_postgres = pytest.mark.skipif(not POSTGRES_URL, reason="TEST_POSTGRES_URL not set")
+
+
+async def _postgres_admin(sql: str) -> None:
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    base = make_url(POSTGRES_URL)
+    conn = await asyncpg.connect(
+        host=base.host,
+        port=base.port or 5432,
+        user=base.username,
+        password=base.password,
+        database=base.database,
+    )
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@contextmanager
+def private_postgres_database(prefix: str) -> Iterator[str]:
+    """A database of its own on the TEST_POSTGRES_URL server, dropped afterwards, so parallel
+    runs and other suites never collide; yields its SQLAlchemy URL."""
+    from sqlalchemy.engine import make_url
+
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_postgres_admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        asyncio.run(_postgres_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 def free_port() -> int:
@@ -35,18 +74,36 @@ def redis_server():
 
 
 class RunningApp:
-    def __init__(self, base_url: str, db_path: Path, redis_url: str | None, log: Path) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        db_path: Path,
+        redis_url: str | None,
+        log: Path,
+        database_url: str = "",
+        pid: int = 0,
+    ) -> None:
         self.base_url = base_url
-        self.db_path = db_path
+        self.db_path = db_path  # the SQLite file, unless database_url names another database
         self.redis_url = redis_url
         self.log = log
+        self.database_url = database_url
+        self.pid = pid  # of `serve run`; Ray's processes are its descendants
 
     def client(self, **kwargs) -> httpx.Client:
         return httpx.Client(base_url=self.base_url, timeout=120, **kwargs)
 
 
-def start_app(config: Path, workdir: Path, redis_url: str | None, **overrides) -> tuple:
-    """`serve run` a copy of `config` on a free HTTP port; returns (process, app, log file)."""
+def start_app(
+    config: Path,
+    workdir: Path,
+    redis_url: str | None,
+    database_url: str | None = None,
+    **overrides,
+) -> tuple:
+    """`serve run` a copy of `config` on a free HTTP port; returns (process, app).
+
+    The database is a fresh SQLite file in `workdir` unless `database_url` names another."""
     spec = yaml.safe_load(config.read_text())
     port = free_port()
     spec["http_options"] = {"host": "127.0.0.1", "port": port}
@@ -60,7 +117,7 @@ def start_app(config: Path, workdir: Path, redis_url: str | None, **overrides) -
         for k, v in os.environ.items()
         if k not in ("REDIS_URL", "DATABASE_URL", "RAY_ADDRESS", "CACHE_ADMIN_TOKEN")
     }
-    env["DATABASE_URL"] = f"sqlite+aiosqlite:///{db_path}"
+    env["DATABASE_URL"] = database_url or f"sqlite+aiosqlite:///{db_path}"
     env["HF_HUB_OFFLINE"] = "1"
     env["RAY_ADDRESS"] = "local"  # a private cluster, never one the developer is running
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -76,7 +133,9 @@ def start_app(config: Path, workdir: Path, redis_url: str | None, **overrides) -
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    app = RunningApp(f"http://127.0.0.1:{port}", db_path, redis_url, log)
+    app = RunningApp(
+        f"http://127.0.0.1:{port}", db_path, redis_url, log, env["DATABASE_URL"], proc.pid
+    )
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     last = "no answer"
     while time.monotonic() < deadline:

@@ -1,29 +1,24 @@
 """The system of record against real databases: a SQLite file always, PostgreSQL when
-TEST_POSTGRES_URL is set (each run gets a private database, each test an empty table)."""
+TEST_POSTGRES_URL is set (fixtures in tests/unit/conftest.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import json
-import os
 import sqlite3
 import sys
 import uuid
-from collections.abc import AsyncIterator
 from contextlib import closing
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 from sqlalchemy import insert, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from serve_app.errors import InvalidCursorError, InvalidRequestError
 from serve_app.store import (
-    Base,
     Generation,
     NewGeneration,
     Store,
@@ -33,25 +28,10 @@ from serve_app.store import (
     encode_cursor,
     new_id,
 )
+from tests.unit.rows import make_row
 
-POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL")
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def _row(i: int, user_id: str | None = None, model: str = "gpt2") -> NewGeneration:
-    return NewGeneration(
-        prompt=f"prompt {i}",
-        generated_text=f"text {i}",
-        model_name=model,
-        model_source="openai-community/gpt2",
-        model_revision="607a30d",
-        params={"temperature": 0.7, "max_new_tokens": 16, "i": i},
-        user_id=user_id,
-        cached=i % 2 == 0,
-        prompt_tokens=3 + i,
-        completion_tokens=16,
-        latency_ms=12.5 + i,
-    )
+_row = make_row
 
 
 def _as_new(stored: StoredGeneration) -> NewGeneration:
@@ -69,67 +49,6 @@ async def _walk(store: Store, limit: int, **filters: str) -> list[list[StoredGen
         if cursor is None:
             return pages
         assert len(pages) <= 100, "pagination does not terminate"
-
-
-@pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def postgres_database() -> AsyncIterator[str | None]:
-    """A database of its own for this run, so parallel runs and other suites never collide."""
-    if not POSTGRES_URL:
-        yield None
-        return
-    asyncpg = pytest.importorskip("asyncpg")
-    base = make_url(POSTGRES_URL)
-    name = f"test_store_{uuid.uuid4().hex[:12]}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(
-            host=base.host,
-            port=base.port or 5432,
-            user=base.username,
-            password=base.password,
-            database=base.database,
-        )
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    await admin(f'CREATE DATABASE "{name}"')
-    yield base.set(database=name).render_as_string(hide_password=False)
-    await admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@pytest.fixture(
-    params=[
-        "sqlite",
-        pytest.param(
-            "postgresql",
-            marks=pytest.mark.skipif(not POSTGRES_URL, reason="TEST_POSTGRES_URL not set"),
-        ),
-    ]
-)
-async def store_url(
-    request: pytest.FixtureRequest, tmp_path: Path, postgres_database: str | None
-) -> str:
-    if request.param == "sqlite":
-        # A missing parent directory: start() must create it.
-        return f"sqlite+aiosqlite:///{tmp_path}/data/nested/generations.db"
-    assert postgres_database is not None
-    engine = create_async_engine(postgres_database)
-    try:
-        async with engine.begin() as conn:
-            await conn.run_sync(Base.metadata.drop_all)
-    finally:
-        await engine.dispose()
-    return postgres_database
-
-
-@pytest.fixture
-async def store(store_url: str) -> AsyncIterator[Store]:
-    store = Store(store_url)
-    await store.start()
-    yield store
-    await store.close()
 
 
 async def test_insert_many_is_readable_from_a_fresh_store(store_url: str) -> None:
@@ -363,3 +282,146 @@ async def test_to_dict_is_json_ready(store: Store) -> None:
     assert data["created_at"].endswith(("Z", "+00:00"))
     stamp = data["created_at"].replace("Z", "+00:00")
     assert datetime.fromisoformat(stamp) == row.created_at
+
+
+async def test_schema_is_migrated_to_head_and_matches_the_models(store: Store) -> None:
+    """The Alembic scripts and the ORM models describe the same tables, indexes and types."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from serve_app.migrations import current_revision, head_revision
+    from serve_app.store import Base
+
+    def inspect_schema(conn):
+        diff = compare_metadata(
+            MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata
+        )
+        return current_revision(conn), diff
+
+    async with store.engine.connect() as conn:
+        revision, diff = await conn.run_sync(inspect_schema)
+    assert revision == head_revision() == store.schema_revision
+    assert diff == []
+
+
+async def test_a_database_from_before_migrations_keeps_its_rows(store_url: str) -> None:
+    """Tables made by create_all (no alembic_version) are stamped as the baseline and upgraded."""
+    from alembic import command
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from serve_app.migrations import BASELINE, alembic_config, head_revision
+
+    if store_url.startswith("sqlite"):
+        Path(make_url(store_url).database or "").parent.mkdir(parents=True, exist_ok=True)
+    engine = create_async_engine(store_url)
+    legacy = {"id": new_id(), "created_at": datetime(2024, 1, 2, 3, 4, 5), **_row(1).__dict__}
+
+    def make_legacy(conn):
+        command.upgrade(alembic_config(conn), BASELINE)
+        conn.execute(text("DROP TABLE alembic_version"))
+        conn.execute(insert(Generation.__table__).values(**legacy))
+
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(make_legacy)
+    finally:
+        await engine.dispose()
+
+    store = Store(store_url)
+    await store.start()
+    try:
+        assert store.schema_revision == head_revision() != BASELINE
+        got = await store.get(legacy["id"])
+        assert got is not None and _as_new(got) == _row(1) and got.feedback_at is None
+        assert await store.set_feedback(legacy["id"], 4) is not None  # the new column works
+    finally:
+        await store.close()
+
+
+async def test_since_and_until_bound_the_history(store: Store) -> None:
+    base = datetime(2024, 5, 1, 12, 0, 0)
+    rows = [
+        {"id": new_id(), "created_at": base + timedelta(minutes=i), **_row(i, "dana").__dict__}
+        for i in range(6)
+    ]
+    async with store.engine.begin() as conn:
+        await conn.execute(insert(Generation), rows)
+    since, until = base + timedelta(minutes=1), base + timedelta(minutes=4)  # [1, 4)
+    pages = await _walk(store, 2, user_id="dana", since=since, until=until)
+    assert [s.id for p in pages for s in p] == [rows[i]["id"] for i in (3, 2, 1)]
+    aware = since.replace(tzinfo=timezone.utc)  # aware datetimes mean the same instants
+    items, _ = await store.history(10, since=aware)
+    assert [s.id for s in items] == [rows[i]["id"] for i in (5, 4, 3, 2, 1)]
+    items, _ = await store.history(10, until=base)
+    assert items == []
+    with pytest.raises(InvalidRequestError):
+        await store.history(10, since=until, until=since)
+
+
+async def test_feedback_is_stored_replaced_and_visible(store: Store) -> None:
+    [row, other] = await store.insert_many([_row(1), _row(2)])
+    first = await store.set_feedback(row.id, 2, "meh")
+    assert first is not None
+    assert (first.feedback_rating, first.feedback_comment) == (2, "meh")
+    assert first.feedback_at is not None and first.feedback_at >= row.created_at
+    second = await store.set_feedback(row.id, 5)
+    assert second is not None and (second.feedback_rating, second.feedback_comment) == (5, None)
+    assert await store.get(row.id) == second
+    items, _ = await store.history(10)
+    assert {s.id: s.feedback_rating for s in items} == {row.id: 5, other.id: None}
+    assert second.to_dict()["feedback_at"].endswith("Z")
+    assert await store.set_feedback(new_id(), 3) is None
+    for rating in (0, 6):
+        with pytest.raises(InvalidRequestError):
+            await store.set_feedback(row.id, rating)
+    assert (await store.get(row.id)) == second
+
+
+async def test_purge_deletes_only_older_rows_in_chunks(store: Store) -> None:
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    old = [
+        {"id": new_id(), "created_at": now - timedelta(days=40, minutes=i), **_row(i).__dict__}
+        for i in range(7)
+    ]
+    async with store.engine.begin() as conn:
+        await conn.execute(insert(Generation), old)
+    fresh = await store.insert_many([_row(100), _row(101)])
+    assert await store.purge(now - timedelta(days=30), chunk_rows=3) == 7
+    assert await store.count() == 2
+    assert {s.id for s in (await store.history(10))[0]} == {s.id for s in fresh}
+    assert await store.purge(now - timedelta(days=30)) == 0
+
+
+async def test_pagination_walks_every_row_once_under_concurrent_inserts(store: Store) -> None:
+    """A walker and writers at the same time: every row older than the walk's first page is
+    seen exactly once, and rows inserted meanwhile never shift the pages."""
+    existing = await store.insert_many([_row(i, "walker") for i in range(40)])
+    stop = asyncio.Event()
+
+    async def writer(k: int) -> int:
+        n = 0
+        while not stop.is_set():
+            await store.insert_many([_row(1000 + k, "walker"), _row(2000 + k, "walker")])
+            n += 2
+            await asyncio.sleep(0)
+        return n
+
+    writers = [asyncio.create_task(writer(k)) for k in range(3)]
+    try:
+        seen: list[str] = []
+        items, cursor = await store.history(7, user_id="walker")
+        first_page_ids = [s.id for s in items]
+        seen += first_page_ids
+        while cursor is not None:
+            await asyncio.sleep(0.005)  # let the writers commit between pages
+            items, cursor = await store.history(7, cursor, user_id="walker")
+            seen += [s.id for s in items]
+    finally:
+        stop.set()
+        inserted = sum(await asyncio.gather(*writers))
+    assert inserted > 0
+    assert len(seen) == len(set(seen))
+    existing_ids = [s.id for s in existing[::-1]]
+    assert [i for i in seen if i in set(existing_ids)] == existing_ids  # each once, in order
+    # Rows inserted during the walk are newer than any cursor: only the first page can hold them.
+    assert set(seen[len(first_page_ids) :]) <= set(existing_ids)
