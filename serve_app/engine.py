@@ -50,7 +50,6 @@ class BatchDecoder:
 
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
-        self.model = loaded.model
         self.body = loaded.model.base_model  # the transformer without the LM head
         self.head = loaded.model.get_output_embeddings()
         self.tokenizer = loaded.tokenizer

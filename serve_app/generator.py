@@ -1,9 +1,9 @@
 """The Generator deployment: multiplexed GPT-2 models, dynamically batched requests.
 
 Models are loaded by id through the registry with `@serve.multiplexed` (LRU per replica).
-Requests are grouped by `@serve.batch`; each batch is decoded by `BatchDecoder` in a dedicated
-worker thread, so the replica's event loop keeps answering (health checks, new requests joining
-the next batch) while a batch runs.
+`@serve.batch` gathers arrivals and hands them to the `Scheduler`, whose decode thread batches
+at token level (rows join and leave at step boundaries), so the replica's event loop keeps
+answering health checks and taking requests while the model runs.
 """
 
 from __future__ import annotations
@@ -113,7 +113,13 @@ class Generator:
         self.evictions = 0
         self.resident: list[str] = []
         self.metrics = GeneratorMetrics()
-        self._scheduler = Scheduler(BatchingConfig().max_batch_size, observer=self.metrics)
+        batching = BatchingConfig()  # until reconfigure() applies the deployment's user_config
+        self._scheduler = Scheduler(
+            batching.max_batch_size,
+            observer=self.metrics,
+            admit_min_rows=batching.admit_min_rows,
+            admit_max_wait_s=batching.admit_max_wait_s,
+        )
 
         from serve_app.registry import prepare_model
 
@@ -144,22 +150,18 @@ class Generator:
         spec = self.args.model(model_id)
         if spec is None:
             raise UnknownModelError(f"unknown model {model_id!r}", valid_ids=self.args.model_ids)
-        offline = self.args.offline
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         info = await loop.run_in_executor(
-            None, resolve_model, spec, self._standin_dir, self.args.hub_timeout_s, offline
+            None, resolve_model, spec, self._standin_dir, self.args.hub_timeout_s, self.args.offline
         )
         loaded = await loop.run_in_executor(self._loader, load_model, spec, info, self._standin_dir)
+        seconds = time.perf_counter() - started
         self.loads[model_id] += 1
         self.resident.append(model_id)
-        self.metrics.model_loaded(model_id, time.perf_counter() - started)
+        self.metrics.model_loaded(model_id, seconds)
         logger.info(
-            "Loaded model %s (%s, %s) in %.2fs",
-            model_id,
-            info.kind,
-            info.revision,
-            time.perf_counter() - started,
+            "Loaded model %s (%s, %s) in %.2fs", model_id, info.kind, info.revision, seconds
         )
         return ResidentModel(loaded, self._evicted)
 

@@ -35,6 +35,16 @@ def serve_error_response(exc: ServeError) -> JSONResponse:
     return error_response(exc.status_code, exc.error_type, exc.message, **exc.details)
 
 
+def unexpected_error_response(request: Request, exc: Exception) -> JSONResponse:
+    """An error no handler took: a wrapped ServeError keeps its meaning, anything else is a
+    logged 500 that says nothing about the internals."""
+    known = as_serve_error(exc)
+    if known is not None:
+        return serve_error_response(known)
+    logger.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(500, "internal_error", "internal server error")
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[int, str, str, list]:
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
@@ -69,13 +79,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _serve(_: Request, exc: ServeError) -> JSONResponse:
         return serve_error_response(as_serve_error(exc) or exc)
 
-    @app.exception_handler(Exception)
+    @app.exception_handler(Exception)  # backs up the middleware below
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        known = as_serve_error(exc)
-        if known is not None:
-            return serve_error_response(known)
-        logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal_error", "internal server error")
+        return unexpected_error_response(request, exc)
 
     @app.middleware("http")
     async def _response_time(request: Request, call_next: Any) -> Any:
@@ -83,11 +89,6 @@ def install_error_handlers(app: FastAPI) -> None:
         try:
             response = await call_next(request)
         except Exception as exc:  # Starlette re-raises unhandled errors through middleware
-            known = as_serve_error(exc)
-            if known is None:
-                logger.exception("unhandled error on %s %s", request.method, request.url.path)
-                response = error_response(500, "internal_error", "internal server error")
-            else:
-                response = serve_error_response(known)
+            response = unexpected_error_response(request, exc)
         response.headers["X-Response-Time"] = f"{(time.perf_counter() - started) * 1000:.2f}ms"
         return response

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Protocol
 from serve_app.domain import GenerationRequest, GenerationResult
 
 if TYPE_CHECKING:
-    from serve_app.engine import BatchDecoder, DecodeBatch, _Row
+    from serve_app.engine import BatchDecoder, DecodeBatch
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,6 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     submitted: float = field(default_factory=time.perf_counter)
     admitted: float = 0.0
-    row: _Row | None = None
 
 
 @dataclass
@@ -194,7 +193,7 @@ class Scheduler:
         now = time.perf_counter()
         for row in rows:
             job = jobs[row.index]
-            job.row, job.admitted = row, now
+            job.admitted = now
             running[id(row)] = job
             wait = now - job.submitted
             self.stats.admitted += 1
