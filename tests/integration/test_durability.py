@@ -43,6 +43,7 @@ def unique(text: str) -> str:
 
 
 RETENTION_DAYS = 30
+WRITE_TIMEOUT_S = 2.0
 EXPIRED_ID = "00000000-0000-7000-8000-0000000000e1"
 
 
@@ -97,7 +98,7 @@ def app(request, tmp_path_factory, redis_server) -> Iterator[RunningApp]:
             workdir,
             redis_server.url,
             url,
-            persistence={"retention_days": RETENTION_DAYS},
+            persistence={"retention_days": RETENTION_DAYS, "write_timeout_s": WRITE_TIMEOUT_S},
         )
         try:
             yield running
@@ -380,6 +381,28 @@ def _kill_and_wait_for_restart(app: RunningApp, load: Load, deployment: str) -> 
     os.kill(victim, signal.SIGKILL)
     _wait(lambda: replica_pids(app, deployment) - {victim}, 90, f"a new {deployment} replica")
     _wait(lambda: load.ok_count() >= before + 20, 90, f"answers after the {deployment} restart")
+
+
+def test_a_write_slower_than_write_timeout_is_a_503_not_a_hang(client, app) -> None:
+    """A writer holding the SQLite file longer than `write_timeout_s` (but shorter than the
+    store's 5 s busy timeout): the request gets a JSON 503 after the write timeout, and the
+    service answers normally once the lock is gone."""
+    if not app.database_url.startswith("sqlite"):
+        pytest.skip("locks the SQLite file directly")
+    generate(client, prompts=[unique("warm")])  # generator and store ready: only the write waits
+    blocker = sqlite3.connect(app.db_path, timeout=10, isolation_level=None)
+    try:
+        blocker.execute("BEGIN EXCLUSIVE")
+        started = time.monotonic()
+        r = client.post("/generate", json={"prompts": [unique("blocked")], "max_new_tokens": 3})
+        elapsed = time.monotonic() - started
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert r.status_code == 503, r.text
+    assert "in time" in r.json()["error"]["message"]
+    assert WRITE_TIMEOUT_S <= elapsed < 4.5, elapsed  # the write timeout, not the busy timeout
+    generate(client, prompts=[unique("after the lock")])
 
 
 def test_zero_loss_when_replicas_are_killed_under_load(app: RunningApp) -> None:
