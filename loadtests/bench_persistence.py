@@ -96,9 +96,7 @@ def _deploy(name: str, url: str, user_config: dict[str, Any]):
     return serve.run(Persistence.options(**options).bind(url), name=name, route_prefix=None)
 
 
-async def _write_load(
-    handle, writers: int, seconds: float, coalesce_calls: bool
-) -> dict[str, Any]:
+async def _write_load(handle, writers: int, seconds: float, coalesce_calls: bool) -> dict[str, Any]:
     from serve_app.ingress import HandleBackend
 
     # The ingress's own path to the deployment: concurrent requests share a handle call, unless
