@@ -1,4 +1,4 @@
-"""Cache benchmark: how close a cache hit gets to the cheapest request Ray Serve can answer.
+"""Cache benchmark: a cache hit against the app's `GET /healthz` (the issue's baseline) and the bare path.
 
     make bench-cache                         # starts configs/tiny.yaml itself, then measures
     python loadtests/bench_cache.py --url http://127.0.0.1:8000   # against a running app
@@ -6,11 +6,14 @@
 Closed-loop clients (each sends its next request when the last one is answered) measure
 requests/s and latency percentiles at 1 and 32 clients for:
 
-- `GET /livez`: the baseline. It makes no downstream call, so it is the Ray Serve request path
-  itself (proxy -> ingress replica -> back), the ceiling any endpoint can reach here.
-- `POST /generate` answered from cache: the same prompt every time.
-- `GET /healthz`, for reference only: it calls Redis, the store and the generator, so it is
-  slower than the request path and would flatter any ratio taken against it.
+- `GET /healthz`: the issue's baseline ("the same app's GET /healthz"). It reads the breaker
+  and pings Redis, the store and the generator, the probe the issue asks to report degraded
+  Redis.
+- `POST /generate` answered from cache: the same prompt every time. Besides the L1 lookup, a
+  hit commits its own history row through the Persistence deployment before it is answered.
+- `GET /livez`, the stricter reference: no downstream call at all, so it is the Ray Serve
+  request path itself (proxy -> ingress replica -> back). A hit cannot come near it at one
+  client: its durable row costs one more handle round trip and a commit.
 
 Baseline and hits alternate over `--rounds`; ratios are taken within each round (same machine
 state) and the median round is reported. Then 32 clients send one new deterministic prompt at
@@ -34,8 +37,8 @@ from pathlib import Path
 import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
-TARGET_RPS_RATIO = 0.80  # hits/s at 32 clients >= 0.80 x baseline/s
-TARGET_P50_RATIO = 1.30  # hit p50 at 1 client <= 1.3 x baseline p50
+TARGET_RPS_RATIO = 0.80  # hits/s at 32 clients >= 0.80 x GET /healthz req/s
+TARGET_P50_RATIO = 1.30  # hit p50 at 1 client <= 1.3 x GET /healthz p50
 HIT_BODY = {"prompts": ["The cache benchmark prompt"], "max_new_tokens": 16}
 
 
@@ -198,9 +201,9 @@ def report(summary: dict, single_flight: dict) -> bool:
         f"{'endpoint':<22}{'clients':>8}{'req/s':>10}{'p50 ms':>10}{'p95 ms':>10}{'bench CPU':>11}"
     )
     labels = {
-        "livez": "GET /livez (baseline)",
+        "livez": "GET /livez (bare)",
         "cache_hit": "POST /generate, hit",
-        "healthz": "GET /healthz (deep)",
+        "healthz": "GET /healthz (baseline)",
     }
     for key, row in med.items():
         name, clients = key.split("@")
@@ -210,16 +213,16 @@ def report(summary: dict, single_flight: dict) -> bool:
         )
     checks = [
         (
-            "hits req/s @32 / baseline req/s @32",
-            ratios["hit_rps_32_vs_livez"],
+            "hits req/s @32 / /healthz req/s @32",
+            ratios["hit_rps_32_vs_healthz"],
             f">= {TARGET_RPS_RATIO}",
-            ratios["hit_rps_32_vs_livez"] >= TARGET_RPS_RATIO,
+            ratios["hit_rps_32_vs_healthz"] >= TARGET_RPS_RATIO,
         ),
         (
-            "hit p50 @1 / baseline p50 @1",
-            ratios["hit_p50_1_vs_livez"],
+            "hit p50 @1 / /healthz p50 @1",
+            ratios["hit_p50_1_vs_healthz"],
             f"<= {TARGET_P50_RATIO}",
-            ratios["hit_p50_1_vs_livez"] <= TARGET_P50_RATIO,
+            ratios["hit_p50_1_vs_healthz"] <= TARGET_P50_RATIO,
         ),
         (
             "32 same new prompts: generations",
@@ -232,8 +235,8 @@ def report(summary: dict, single_flight: dict) -> bool:
     for name, value, wanted, ok in checks:
         print(f"{name:<40}{value:>10}  {wanted:<8} {'met' if ok else 'MISSED'}")
     print(
-        f"\nfor reference, against GET /healthz: req/s ratio @32 "
-        f"{ratios['hit_rps_32_vs_healthz']}, p50 ratio @1 {ratios['hit_p50_1_vs_healthz']}"
+        f"\nfor reference, against GET /livez (the bare request path): req/s ratio @32 "
+        f"{ratios['hit_rps_32_vs_livez']}, p50 ratio @1 {ratios['hit_p50_1_vs_livez']}"
     )
     print(f"single-flight: {single_flight}")
     return all(ok for *_, ok in checks)

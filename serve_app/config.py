@@ -89,9 +89,10 @@ class BatchingConfig(_Strict):
         default=8,
         ge=1,
         le=256,
-        description="While a model's batch is running, newcomers are held until this many (or "
-        "as many as there are free slots) can be prefilled together: a lone prefill costs "
-        "about a full forward pass, so one per arrival would eat the decode budget.",
+        description="While a model decodes at least this many rows, newcomers are held until "
+        "this many (or as many as there are free slots) can be prefilled together: a prefill "
+        "stalls every running row, so one per arrival would eat the decode budget. A smaller "
+        "batch takes newcomers at its next step.",
     )
     admit_max_wait_s: float = Field(
         default=0.25,
@@ -99,6 +100,14 @@ class BatchingConfig(_Strict):
         le=10.0,
         description="Longest a newcomer is held for company before it is admitted anyway. An "
         "idle model admits at once, so a lone request never waits.",
+    )
+    single_thread_max_rows: int = Field(
+        default=4,
+        ge=0,
+        le=256,
+        description="Decode steps over at most this many rows run on one torch thread (they "
+        "are bound by weight reads; a second thread gains nothing and takes a core from the "
+        "request path). Prefills and larger steps use every thread. 0 always uses every thread.",
     )
 
 

@@ -104,6 +104,8 @@ class Generator:
     def __init__(self, args: AppArgs) -> None:
         import torch
 
+        from serve_app.engine import ThreadBudget
+
         self.args = args
         threads = args.generator.torch_threads or os.cpu_count() or 1
         torch.set_num_threads(threads)
@@ -119,6 +121,7 @@ class Generator:
             observer=self.metrics,
             admit_min_rows=batching.admit_min_rows,
             admit_max_wait_s=batching.admit_max_wait_s,
+            threads=ThreadBudget(threads, batching.single_thread_max_rows),
         )
 
         from serve_app.registry import prepare_model
@@ -140,6 +143,8 @@ class Generator:
         self._scheduler.max_batch_size = config.max_batch_size
         self._scheduler.admit_min_rows = config.admit_min_rows
         self._scheduler.admit_max_wait_s = config.admit_max_wait_s
+        if self._scheduler.threads:
+            self._scheduler.threads.single_thread_max_rows = config.single_thread_max_rows
         self._admit.set_max_batch_size(config.max_batch_size)
         self._admit.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         logger.info("Generator batching: %s", config)

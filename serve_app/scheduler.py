@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Protocol
 from serve_app.domain import GenerationRequest, GenerationResult
 
 if TYPE_CHECKING:
-    from serve_app.engine import BatchDecoder, DecodeBatch
+    from serve_app.engine import BatchDecoder, DecodeBatch, ThreadBudget
 
 logger = logging.getLogger(__name__)
 
@@ -86,10 +86,12 @@ class Scheduler:
         observer: SchedulerObserver | None = None,
         admit_min_rows: int = 1,
         admit_max_wait_s: float = 0.0,
+        threads: ThreadBudget | None = None,
     ) -> None:
         self.max_batch_size = max_batch_size
         self.admit_min_rows = admit_min_rows
         self.admit_max_wait_s = admit_max_wait_s
+        self.threads = threads  # None: leave torch's thread count alone
         self.observer = observer
         self.stats = SchedulerStats()
         self._pending: deque[_Job] = deque()
@@ -156,10 +158,12 @@ class Scheduler:
     def _admit(self) -> None:
         """Move pending jobs into their model's batch while it has room.
 
-        An idle model takes newcomers at once. A running one takes them in groups (at least
-        `admit_min_rows`, or as many as fit, or whatever has waited `admit_max_wait_s`): each
-        prefill is a forward pass over the model's weights, so prefilling arrivals one by one
-        would spend the decode budget on weight reads.
+        A prefill stalls every running row of its model for a forward pass. So a model decoding
+        at least `admit_min_rows` rows takes newcomers in groups (at least `admit_min_rows`, or
+        as many as fit, or whatever has waited `admit_max_wait_s`): prefilling arrivals one by
+        one would spend its decode budget on weight reads. A model with fewer rows (or none)
+        takes newcomers at the next step: stalling a few rows costs little, and holding
+        arrivals would leave the batch part-empty while they wait.
         """
         with self._lock:
             if not self._pending:
@@ -176,7 +180,8 @@ class Scheduler:
             room = self.max_batch_size - len(batch)
             enough = min(self.admit_min_rows, room)
             overdue = now - jobs[0].submitted >= self.admit_max_wait_s
-            if room <= 0 or (batch.rows and len(jobs) < enough and not overdue):
+            busy = len(batch) >= self.admit_min_rows  # a stall would cost many rows a step
+            if room <= 0 or (busy and len(jobs) < enough and not overdue):
                 held.extend(jobs)
                 continue
             held.extend(jobs[room:])
@@ -187,6 +192,8 @@ class Scheduler:
                 self._pending.extendleft(reversed(held))  # keep arrival order
 
     def _start(self, batch: DecodeBatch, running: dict[int, _Job], jobs: list[_Job]) -> None:
+        if self.threads:
+            self.threads.for_prefill()
         rows, errors = jobs[0].decoder.prepare([j.request for j in jobs])
         for i, exc in errors.items():
             _resolve(jobs[i], exc)
@@ -227,6 +234,8 @@ class Scheduler:
             if not batch.rows:
                 return
         rows = list(batch.rows)
+        if self.threads:
+            self.threads.for_step(len(rows))
         started = time.perf_counter()
         batch.step()
         elapsed = time.perf_counter() - started

@@ -4,10 +4,11 @@ on real tiny GPT-2 stand-ins."""
 import asyncio
 
 import pytest
+import torch
 
 from serve_app.config import ModelSpec
 from serve_app.domain import GenerationRequest, GenerationResult, SamplingParams
-from serve_app.engine import BatchDecoder
+from serve_app.engine import BatchDecoder, ThreadBudget
 from serve_app.errors import PromptTooLongError
 from serve_app.registry import load_model, resolve_model
 from serve_app.scheduler import Scheduler
@@ -113,19 +114,19 @@ async def test_newcomers_to_a_running_batch_are_prefilled_together(decoders):
     d1, _ = decoders
     s = Scheduler(max_batch_size=8, admit_min_rows=3, admit_max_wait_s=30.0)
     try:
-        (long_future,) = s.submit(d1, [req("the long one", max_new_tokens=500)])
+        long_futures = s.submit(d1, [req(f"long one {i}", max_new_tokens=500) for i in range(3)])
         await until(lambda: s.stats.steps >= 2)
         assert s.stats.prefills == 1  # an idle model admits at once
         futures = []
         for i in range(3):  # arrive one by one while the batch runs
             futures += s.submit(d1, [req(f"newcomer {i}", max_new_tokens=2)])
             await asyncio.sleep(0.005)
-        assert not long_future.done()  # the premise: they arrived while it ran
+        assert not any(f.done() for f in long_futures)  # they arrived while it ran
         results = await asyncio.gather(*futures)
         assert s.stats.prefills == 2  # the three joined in one prefill
         for i, r in enumerate(results):
             assert r.completion == lone(d1, req(f"newcomer {i}", max_new_tokens=2))
-        assert not long_future.done()
+        assert not any(f.done() for f in long_futures)
     finally:
         s.stop()
 
@@ -134,12 +135,66 @@ async def test_a_held_newcomer_is_admitted_when_overdue(decoders):
     d1, _ = decoders
     s = Scheduler(max_batch_size=8, admit_min_rows=5, admit_max_wait_s=0.2)
     try:
-        (long_future,) = s.submit(d1, [req("the long one", max_new_tokens=500)])
+        long_futures = s.submit(d1, [req(f"long one {i}", max_new_tokens=500) for i in range(5)])
         await until(lambda: s.stats.steps >= 2)
         (alone,) = s.submit(d1, [req("alone", max_new_tokens=2)])
         result = await alone
         assert result.completion_tokens == 2
         assert s.stats.queue_wait_s >= 0.2  # it was held for company, then let in
-        assert not long_future.done()
+        assert not any(f.done() for f in long_futures)
     finally:
         s.stop()
+
+
+async def test_a_small_running_batch_takes_a_newcomer_at_once(decoders):
+    """Holding arrivals pays only when a prefill would stall many rows; below
+    `admit_min_rows` running rows a newcomer joins at the next step."""
+    d1, _ = decoders
+    s = Scheduler(max_batch_size=8, admit_min_rows=5, admit_max_wait_s=30.0)
+    try:
+        (long_future,) = s.submit(d1, [req("the long one", max_new_tokens=500)])
+        await until(lambda: s.stats.steps >= 2)
+        (newcomer,) = s.submit(d1, [req("newcomer", max_new_tokens=2)])
+        result = await asyncio.wait_for(newcomer, 10)
+        assert result.completion_tokens == 2
+        assert s.stats.prefills == 2 and not long_future.done()
+        assert s.stats.queue_wait_s < 5  # not held for the 30 s admit_max_wait_s
+    finally:
+        s.stop()
+
+
+class _ThreadsSeen:
+    """Observer that records, on the decode thread, the torch thread count each step ran with."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, int]] = []  # (rows, threads)
+        self.prefill_threads: list[int] = []
+
+    def admitted(self, model_id: str, queue_wait_s: float) -> None:
+        self.prefill_threads.append(torch.get_num_threads())
+
+    def stepped(self, model_id: str, rows: int, seconds: float) -> None:
+        self.steps.append((rows, torch.get_num_threads()))
+
+    def finished(self, model_id: str, completion_tokens: int) -> None:
+        pass
+
+
+async def test_small_decode_steps_run_on_one_thread_and_the_rest_on_all(decoders):
+    d1, _ = decoders
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # so the prefill has to raise it
+    seen = _ThreadsSeen()
+    s = Scheduler(max_batch_size=4, observer=seen, threads=ThreadBudget(2, 2))
+    try:
+        # Rows retire one by one (2, 4, 6, 8 tokens): steps at 4, 3, 2 and then 1 row.
+        requests = [req(f"prompt {i}", max_new_tokens=2 * (i + 1)) for i in range(4)]
+        results = await asyncio.gather(*s.submit(d1, requests))
+    finally:
+        s.stop()
+        torch.set_num_threads(before)
+    assert {rows for rows, _ in seen.steps} == {1, 2, 3, 4}
+    assert all(threads == (1 if rows <= 2 else 2) for rows, threads in seen.steps), seen.steps
+    assert seen.prefill_threads and set(seen.prefill_threads) == {2}  # prefills use them all
+    for request, result in zip(requests, results, strict=True):
+        assert result.completion == lone(d1, request)
