@@ -1,4 +1,4 @@
-"""Cache benchmark: a cache hit against the app's `GET /healthz` (the issue's baseline) and the bare path.
+"""Cache benchmark: cache hits against the app's `GET /healthz` and the bare request path.
 
     make bench-cache                         # starts configs/tiny.yaml itself, then measures
     python loadtests/bench_cache.py --url http://127.0.0.1:8000   # against a running app

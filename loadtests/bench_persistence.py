@@ -431,6 +431,10 @@ def main() -> int:
     import ray
     from ray import serve
 
+    from tests.conftest import ray_env  # the cluster environment `make run` uses
+
+    for key, value in ray_env().items():
+        os.environ.setdefault(key, value)
     # Replicas import serve_app from this checkout, as the driver does.
     os.environ["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p

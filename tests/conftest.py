@@ -94,6 +94,16 @@ class RunningApp:
         return httpx.Client(base_url=self.base_url, timeout=120, **kwargs)
 
 
+def ray_env() -> dict[str, str]:
+    """The local Ray cluster's environment from configs/ray.env, as `make run` sets it."""
+    pairs = {}
+    for line in (ROOT / "configs" / "ray.env").read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.lstrip().startswith("#"):
+            pairs[key.strip()] = value.strip()
+    return pairs
+
+
 def start_app(
     config: Path,
     workdir: Path,
@@ -121,6 +131,8 @@ def start_app(
     env["HF_HUB_OFFLINE"] = "1"
     env["RAY_ADDRESS"] = "local"  # a private cluster, never one the developer is running
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    for key, value in ray_env().items():
+        env.setdefault(key, value)
     if redis_url:
         env["REDIS_URL"] = redis_url
     log = workdir / "serve.log"
