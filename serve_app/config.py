@@ -79,11 +79,12 @@ class BatchingConfig(_Strict):
         "deployment's max_ongoing_requests above it, or batches cannot fill.",
     )
     batch_wait_timeout_s: float = Field(
-        default=0.005,
+        default=0.0,
         ge=0.0,
         le=5.0,
         description="How long @serve.batch gathers arrivals before handing them to the decode "
-        "loop (which admits them at its next step): a lone request pays this once.",
+        "loop. 0: hand over at once; the decode loop groups what is pending at each step "
+        "boundary anyway, and a lone request would pay any wait in full.",
     )
     admit_min_rows: int = Field(
         default=8,

@@ -184,7 +184,7 @@ class Generator:
     # Grouping only: the group is handed to the decode loop, which admits it at its next step
     # boundary, so a group never waits for the previous one; max_concurrent_batches lets groups
     # for other models proceed while one waits for its model to load.
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, max_concurrent_batches=4)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0, max_concurrent_batches=4)
     async def _admit(self, requests: list[GenerationRequest]) -> list[asyncio.Future]:
         futures: list[asyncio.Future] = [None] * len(requests)  # type: ignore[list-item]
         by_model: dict[str, list[int]] = {}
