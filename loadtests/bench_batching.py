@@ -7,11 +7,13 @@
 1. Raw: the gpt2-124M-architecture stand-in in this process, `model.generate()` (greedy, fp32,
    exactly N new tokens) at several batch sizes. This is the baseline; the service is not
    running meanwhile.
-2. Service: `serve run configs/bench.yaml` (cache off, unique prompts), closed-loop users at each
-   concurrency level; tokens/s counts completion tokens of requests that finished inside the
-   measurement window (after a warm-up), latency is client-side end to end.
-3. The same levels with batching off (`max_batch_size: 1`, applied live through `user_config`).
-4. dtypes (bfloat16, int8-dynamic) and mixed `max_new_tokens` (8/16/32/64) at 32 users.
+2. Service: `serve run configs/bench.yaml` (cache off, unique prompts), closed-loop users:
+   dtypes (bfloat16, int8-dynamic) and mixed `max_new_tokens` (8/16/32/64) at 32 users, then
+   each concurrency level from the highest down. Tokens/s pro-rates completion tokens over the
+   measurement window (after a warm-up); latency is client-side end to end.
+3. The same levels with batching off (`max_batch_size: 1`, applied live through `user_config`),
+   from the lowest up, so each level's on and off windows are close together in time.
+4. Raw `generate()` again, service stopped: the faster raw run is the baseline.
 
 Prints a table with the issue's target ratios, writes JSON and a PNG plot.
 """
@@ -232,15 +234,6 @@ async def run_service(args, raw: dict, workdir: Path) -> dict:
             warmup = min(one_round, 8.0 if args.quick else 20.0) + 2.0
             return warmup, max(args.duration, 2.5 * ref["latency_s"])
 
-        for users in args.levels:
-            w, d = windows(users, True)
-            r = await closed_loop(app.base_url, users, w, d, new_tokens=args.new_tokens)
-            out["on"][users] = r
-            print(
-                f"  service, batching on,  {users:>2} users: {r['tok_s']:7.1f} tok/s, "
-                f"p50 {r['p50_s']:6.2f} s, p95 {r['p95_s']:6.2f} s ({r['requests']} req)"
-            )
-
         w, d = windows(32, True)
         for model in ("gpt2-bf16", "gpt2-int8"):
             r = await closed_loop(app.base_url, 32, w, d, model=model, new_tokens=args.new_tokens)
@@ -254,6 +247,18 @@ async def run_service(args, raw: dict, workdir: Path) -> dict:
         per = ", ".join(f"{n}: p50 {v['p50_s']:.2f} s" for n, v in r["by_length"].items())
         print(f"  service, mixed lengths, 32 users: {r['tok_s']:7.1f} useful tok/s ({per})")
 
+        # On from the highest level down, then off from the lowest up: each level's on and off
+        # windows sit as close together in time as the live switch allows, so machine drift
+        # over the run does not decide an on/off comparison (at 1 user both are the same path).
+        for users in sorted(args.levels, reverse=True):
+            w, d = windows(users, True)
+            r = await closed_loop(app.base_url, users, w, d, new_tokens=args.new_tokens)
+            out["on"][users] = r
+            print(
+                f"  service, batching on,  {users:>2} users: {r['tok_s']:7.1f} tok/s, "
+                f"p50 {r['p50_s']:6.2f} s, p95 {r['p95_s']:6.2f} s ({r['requests']} req)"
+            )
+
         set_max_batch_size(cfg_path, app.log, 1)
         for _ in range(60):
             if await current_max_batch(app.base_url) == 1:
@@ -261,7 +266,7 @@ async def run_service(args, raw: dict, workdir: Path) -> dict:
             await asyncio.sleep(1)
         else:
             raise RuntimeError("batching-off user_config was not applied")
-        for users in args.levels:
+        for users in sorted(args.levels):
             w, d = windows(users, False)
             # Batching off, throughput is steady (one row at a time): a short drain suffices.
             r = await closed_loop(
