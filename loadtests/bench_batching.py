@@ -377,7 +377,7 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, default=ROOT / "bench-results" / "batching.png")
     args = parser.parse_args()
     args.levels = args.levels or ([1, 8, 32] if args.quick else [1, 4, 8, 16, 32, 64])
-    args.duration = args.duration or (12.0 if args.quick else 40.0)
+    args.duration = args.duration or (10.0 if args.quick else 40.0)
 
     started = time.time()
     print("1. raw generate()")
