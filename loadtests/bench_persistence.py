@@ -431,10 +431,9 @@ def main() -> int:
     import ray
     from ray import serve
 
-    from tests.conftest import ray_env  # the cluster environment `make run` uses
+    from tests.conftest import apply_ray_env
 
-    for key, value in ray_env().items():
-        os.environ.setdefault(key, value)
+    apply_ray_env(os.environ)  # the cluster environment `make run` uses
     # Replicas import serve_app from this checkout, as the driver does.
     os.environ["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p

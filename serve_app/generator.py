@@ -116,12 +116,13 @@ class Generator:
         self.resident: list[str] = []
         self.metrics = GeneratorMetrics()
         batching = BatchingConfig()  # until reconfigure() applies the deployment's user_config
+        self._threads = ThreadBudget(threads, batching.single_thread_max_rows)
         self._scheduler = Scheduler(
             batching.max_batch_size,
             observer=self.metrics,
             admit_min_rows=batching.admit_min_rows,
             admit_max_wait_s=batching.admit_max_wait_s,
-            threads=ThreadBudget(threads, batching.single_thread_max_rows),
+            threads=self._threads,
         )
 
         from serve_app.registry import prepare_model
@@ -143,8 +144,7 @@ class Generator:
         self._scheduler.max_batch_size = config.max_batch_size
         self._scheduler.admit_min_rows = config.admit_min_rows
         self._scheduler.admit_max_wait_s = config.admit_max_wait_s
-        if self._scheduler.threads:
-            self._scheduler.threads.single_thread_max_rows = config.single_thread_max_rows
+        self._threads.single_thread_max_rows = config.single_thread_max_rows
         self._admit.set_max_batch_size(config.max_batch_size)
         self._admit.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         logger.info("Generator batching: %s", config)

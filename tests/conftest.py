@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -94,14 +94,13 @@ class RunningApp:
         return httpx.Client(base_url=self.base_url, timeout=120, **kwargs)
 
 
-def ray_env() -> dict[str, str]:
-    """The local Ray cluster's environment from configs/ray.env, as `make run` sets it."""
-    pairs = {}
+def apply_ray_env(env: MutableMapping[str, str]) -> None:
+    """Add the local Ray cluster's environment from configs/ray.env to `env`, as `make run`
+    does: a value `env` already holds wins."""
     for line in (ROOT / "configs" / "ray.env").read_text().splitlines():
         key, sep, value = line.partition("=")
         if sep and not line.lstrip().startswith("#"):
-            pairs[key.strip()] = value.strip()
-    return pairs
+            env.setdefault(key.strip(), value.strip())
 
 
 def start_app(
@@ -131,8 +130,7 @@ def start_app(
     env["HF_HUB_OFFLINE"] = "1"
     env["RAY_ADDRESS"] = "local"  # a private cluster, never one the developer is running
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    for key, value in ray_env().items():
-        env.setdefault(key, value)
+    apply_ray_env(env)
     if redis_url:
         env["REDIS_URL"] = redis_url
     log = workdir / "serve.log"

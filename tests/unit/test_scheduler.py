@@ -45,6 +45,13 @@ async def until(predicate, timeout_s: float = 30.0) -> None:
         await asyncio.sleep(0.005)
 
 
+async def running_batch(s: Scheduler, decoder: BatchDecoder, rows: int) -> list[asyncio.Future]:
+    """`rows` long requests, decoding together by the time this returns."""
+    futures = s.submit(decoder, [req(f"long one {i}", max_new_tokens=500) for i in range(rows)])
+    await until(lambda: s.stats.steps >= 2)
+    return futures
+
+
 def lone(decoder: BatchDecoder, request: GenerationRequest) -> str:
     (result,) = decoder.generate([request])
     return result.completion
@@ -114,8 +121,7 @@ async def test_newcomers_to_a_running_batch_are_prefilled_together(decoders):
     d1, _ = decoders
     s = Scheduler(max_batch_size=8, admit_min_rows=3, admit_max_wait_s=30.0)
     try:
-        long_futures = s.submit(d1, [req(f"long one {i}", max_new_tokens=500) for i in range(3)])
-        await until(lambda: s.stats.steps >= 2)
+        long_futures = await running_batch(s, d1, 3)
         assert s.stats.prefills == 1  # an idle model admits at once
         futures = []
         for i in range(3):  # arrive one by one while the batch runs
@@ -135,8 +141,7 @@ async def test_a_held_newcomer_is_admitted_when_overdue(decoders):
     d1, _ = decoders
     s = Scheduler(max_batch_size=8, admit_min_rows=5, admit_max_wait_s=0.2)
     try:
-        long_futures = s.submit(d1, [req(f"long one {i}", max_new_tokens=500) for i in range(5)])
-        await until(lambda: s.stats.steps >= 2)
+        long_futures = await running_batch(s, d1, 5)
         (alone,) = s.submit(d1, [req("alone", max_new_tokens=2)])
         result = await alone
         assert result.completion_tokens == 2
@@ -152,8 +157,7 @@ async def test_a_small_running_batch_takes_a_newcomer_at_once(decoders):
     d1, _ = decoders
     s = Scheduler(max_batch_size=8, admit_min_rows=5, admit_max_wait_s=30.0)
     try:
-        (long_future,) = s.submit(d1, [req("the long one", max_new_tokens=500)])
-        await until(lambda: s.stats.steps >= 2)
+        (long_future,) = await running_batch(s, d1, 1)
         (newcomer,) = s.submit(d1, [req("newcomer", max_new_tokens=2)])
         result = await asyncio.wait_for(newcomer, 10)
         assert result.completion_tokens == 2
