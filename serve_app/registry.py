@@ -87,6 +87,8 @@ class LoadedModel:
     """Ids >= this are never sampled: min(embedding rows, tokenizer size)."""
     n_positions: int
     load_seconds: float
+    kernels: str = "stock"
+    """`onednn` when the linear layers run pre-packed oneDNN matmuls (`serve_app.kernels`)."""
 
 
 # --- resolution ----------------------------------------------------------------------------
@@ -358,6 +360,13 @@ def load_model(spec: ModelSpec, info: ModelInfo, standin_dir: Path) -> LoadedMod
     model = _apply_dtype(model, spec.dtype)
     model.eval()
     model.requires_grad_(False)
+    from serve_app.kernels import pack_linears, use_decode_attention
+
+    kernels = "stock"
+    if spec.kernels == "onednn" and spec.dtype != "int8-dynamic":
+        use_decode_attention(model)
+        if pack_linears(model):
+            kernels = "onednn"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     eos_token_id = tokenizer.eos_token_id
@@ -373,6 +382,7 @@ def load_model(spec: ModelSpec, info: ModelInfo, standin_dir: Path) -> LoadedMod
         vocab_limit=min(model.config.vocab_size, len(tokenizer)),
         n_positions=int(model.config.n_positions),
         load_seconds=time.perf_counter() - started,
+        kernels=kernels,
     )
 
 
