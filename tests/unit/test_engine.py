@@ -10,10 +10,10 @@ from serve_app.errors import InvalidRequestError, PromptTooLongError
 from serve_app.registry import load_model, resolve_model
 
 
-@pytest.fixture(scope="module")
-def decoder(tmp_path_factory):
+@pytest.fixture(scope="module", params=["onednn", "stock"])
+def decoder(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("standins")
-    spec = ModelSpec(id="tiny-test", architecture="tiny", seed=7)
+    spec = ModelSpec(id="tiny-test", architecture="tiny", seed=7, kernels=request.param)
     info = resolve_model(spec, root, hub_timeout_s=1.0, offline=True)
     return BatchDecoder(load_model(spec, info, root))
 
