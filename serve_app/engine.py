@@ -188,13 +188,15 @@ class BatchDecoder:
 class ThreadBudget:
     """torch intra-op threads for each forward pass of the decode thread.
 
-    A decode step over a few rows is a string of matrix-vector products bound by weight reads:
-    measured on the 2-core box, 1 thread decodes 1-4 rows as fast as 2 (26.4 vs 26.6 ms a step
-    at 1 row, 55.7 vs 54.1 at 4), and 2 threads only pay from 8 rows up (65 vs 56 ms). A
-    second thread on a small step buys nothing and costs twice over: the ingress, proxy and
-    store lose that core, and every operator's barrier stalls when either thread is
-    preempted by them. So small steps run on one thread; prefills (many tokens per row) and
-    larger steps use all `threads`. Call only from the thread that runs the forward passes.
+    Steps over at most `single_thread_max_rows` rows run on one thread, the rest (and every
+    prefill) on all `threads`. With MKL's float32 matmuls (`kernels: stock`) a small step is
+    bound by weight reads: on the 2-core box 1 thread decoded 1-4 rows as fast as 2 (26.4 vs
+    26.6 ms at 1 row, 55.7 vs 54.1 at 4). With oneDNN kernels the second thread is faster
+    alone (19.9 vs 17 ms at 1 row, 24.6 vs 16.6 at 4), but not in the service: there it takes
+    the request path's core, and every operator's barrier stalls when either thread is
+    preempted. Measured through the service at 8 users, back to back: 230 tok/s with small
+    steps on one thread, 142 with every step on two. Call only from the thread that runs the
+    forward passes.
     """
 
     def __init__(self, threads: int, single_thread_max_rows: int = 4) -> None:
@@ -237,9 +239,13 @@ class DecodeBatch:
 
     @torch.inference_mode()
     def admit(self, rows: list[_Row]) -> None:
-        """Run the new rows' prompts (one left-padded forward pass) and merge them in."""
-        if not rows:
-            return
+        """Run the new rows' prompts and merge them in: one left-padded forward pass per
+        group of similar prompt lengths (`length_groups`), so short prompts pay little
+        padding when long ones arrive with them."""
+        for group in length_groups(rows):
+            self._admit_group(group)
+
+    def _admit_group(self, rows: list[_Row]) -> None:
         width = max(len(r.prompt_ids) for r in rows)
         input_ids = torch.full((len(rows), width), self.decoder.pad_id, dtype=torch.long)
         attention = torch.zeros((len(rows), width), dtype=torch.long)
@@ -319,6 +325,44 @@ class DecodeBatch:
         self._logits, self._cache = self.decoder.forward_last(
             next_ids, self._attention, self._last_pos.unsqueeze(-1), self._cache
         )
+
+
+GROUP_MIN_TOKENS = 128
+"""Prompt tokens a prefill group holds before it may be cut: below about 100 tokens a forward
+pass is bound by weight reads, so a smaller group costs nearly as much as a bigger one
+(measured, float32 GPT-2 on 2 cores: 33 ms for one 22-token prompt, 67 ms for four)."""
+GROUP_CUT_TOKENS = 16
+"""A group is cut when taking the next prompt would add at least this much padding to it."""
+
+
+def length_groups(rows: list[_Row]) -> list[list[_Row]]:
+    """`rows` sorted by prompt length and cut into prefill groups.
+
+    A left-padded prefill runs every row at its longest prompt's width: 32 prompts of 19 to 31
+    tokens cost 992 token-passes for 800 tokens. Sorted, a group is cut where the next prompt
+    would pad it by `GROUP_CUT_TOKENS` or more, as long as both sides hold `GROUP_MIN_TOKENS`.
+    """
+    ordered = sorted(rows, key=lambda r: len(r.prompt_ids))
+    remaining = sum(len(r.prompt_ids) for r in ordered)
+    groups: list[list[_Row]] = []
+    group: list[_Row] = []
+    tokens = 0
+    for row in ordered:
+        n = len(row.prompt_ids)
+        padding = len(group) * n - tokens  # what taking this row adds to the group
+        if (
+            tokens >= GROUP_MIN_TOKENS
+            and remaining >= GROUP_MIN_TOKENS
+            and padding >= GROUP_CUT_TOKENS
+        ):
+            groups.append(group)
+            group, tokens = [], 0
+        group.append(row)
+        tokens += n
+        remaining -= n
+    if group:
+        groups.append(group)
+    return groups
 
 
 def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:

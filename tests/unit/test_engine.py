@@ -5,7 +5,7 @@ import pytest
 
 from serve_app.config import ModelSpec
 from serve_app.domain import GenerationRequest, GenerationResult, SamplingParams
-from serve_app.engine import BatchDecoder
+from serve_app.engine import GROUP_CUT_TOKENS, GROUP_MIN_TOKENS, BatchDecoder, length_groups
 from serve_app.errors import InvalidRequestError, PromptTooLongError
 from serve_app.registry import load_model, resolve_model
 
@@ -59,6 +59,47 @@ def test_batch_with_mixed_parameters_equals_lone_requests(decoder):
         assert batched.completion == alone.completion, request
         assert batched.completion_tokens == alone.completion_tokens
         assert batched.prompt_tokens == alone.prompt_tokens
+
+
+WORDS = "river stone garden engine market silver quiet window morning story lantern".split()
+
+
+def varied_prompts(n: int) -> list[str]:
+    """Prompts from 2 to about 60 tokens: long enough together for several prefill groups."""
+    return [" ".join(WORDS[j % len(WORDS)] for j in range(2 + 5 * i)) for i in range(n)]
+
+
+def test_prefill_groups_follow_prompt_length(decoder):
+    rows, _ = decoder.prepare([req(p) for p in varied_prompts(12)])
+    groups = length_groups(list(reversed(rows)))
+    flat = [r for g in groups for r in g]
+    assert sorted(map(id, flat)) == sorted(map(id, rows))  # every row once
+    lengths = [len(r.prompt_ids) for r in flat]
+    assert lengths == sorted(lengths)
+    assert len(groups) > 1
+    for group in groups[:-1]:
+        assert sum(len(r.prompt_ids) for r in group) >= GROUP_MIN_TOKENS
+    padded = sum(len(g) * len(g[-1].prompt_ids) for g in groups)
+    assert padded < len(rows) * max(lengths)  # the point: less padding than one group
+
+    # Equal lengths, or too few tokens to split: one group.
+    same, _ = decoder.prepare([req("Hello there, world") for _ in range(40)])
+    assert len(length_groups(same)) == 1
+    few, _ = decoder.prepare([req("Hi"), req(varied_prompts(3)[-1])])
+    assert len(length_groups(few)) == 1
+    assert GROUP_CUT_TOKENS > 0
+
+
+def test_rows_prefilled_in_length_groups_get_what_a_lone_request_would(decoder):
+    batch = [
+        req(p, max_new_tokens=6 + i % 5, **({"temperature": 0.8, "seed": i} if i % 3 else {}))
+        for i, p in enumerate(varied_prompts(12))
+    ]
+    rows, _ = decoder.prepare(batch)
+    assert len(length_groups(rows)) > 1
+    together = decoder.generate(batch)
+    for request, batched in zip(batch, together, strict=True):
+        assert batched.completion == lone(decoder, request).completion, request
 
 
 def test_seeded_sampling_repeats_and_unseeded_varies(decoder):
