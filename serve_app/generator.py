@@ -166,7 +166,13 @@ class Generator:
         self.resident.append(model_id)
         self.metrics.model_loaded(model_id, seconds)
         logger.info(
-            "Loaded model %s (%s, %s) in %.2fs", model_id, info.kind, info.revision, seconds
+            "Loaded model %s (%s, %s, %s, %s kernels) in %.2fs",
+            model_id,
+            info.kind,
+            info.revision,
+            spec.dtype,
+            loaded.kernels,
+            seconds,
         )
         return ResidentModel(loaded, self._evicted)
 
