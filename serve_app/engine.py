@@ -242,8 +242,13 @@ class DecodeBatch:
         """Run the new rows' prompts and merge them in: one left-padded forward pass per
         group of similar prompt lengths (`length_groups`), so short prompts pay little
         padding when long ones arrive with them."""
-        for group in length_groups(rows):
-            self._admit_group(group)
+        admitted = len(self.rows)
+        try:
+            for group in length_groups(rows):
+                self._admit_group(group)
+        except BaseException:
+            self.drop(self.rows[admitted:])  # all newcomers or none: the caller fails them all
+            raise
 
     def _admit_group(self, rows: list[_Row]) -> None:
         width = max(len(r.prompt_ids) for r in rows)
@@ -340,7 +345,9 @@ def length_groups(rows: list[_Row]) -> list[list[_Row]]:
 
     A left-padded prefill runs every row at its longest prompt's width: 32 prompts of 19 to 31
     tokens cost 992 token-passes for 800 tokens. Sorted, a group is cut where the next prompt
-    would pad it by `GROUP_CUT_TOKENS` or more, as long as both sides hold `GROUP_MIN_TOKENS`.
+    would pad it by `GROUP_CUT_TOKENS` or more, as long as both sides hold `GROUP_MIN_TOKENS`,
+    and always where the padding alone would reach `GROUP_MIN_TOKENS` (a few short prompts
+    arriving with a long one).
     """
     ordered = sorted(rows, key=lambda r: len(r.prompt_ids))
     remaining = sum(len(r.prompt_ids) for r in ordered)
@@ -350,11 +357,8 @@ def length_groups(rows: list[_Row]) -> list[list[_Row]]:
     for row in ordered:
         n = len(row.prompt_ids)
         padding = len(group) * n - tokens  # what taking this row adds to the group
-        if (
-            tokens >= GROUP_MIN_TOKENS
-            and remaining >= GROUP_MIN_TOKENS
-            and padding >= GROUP_CUT_TOKENS
-        ):
+        big_enough = tokens >= GROUP_MIN_TOKENS and remaining >= GROUP_MIN_TOKENS
+        if padding >= GROUP_CUT_TOKENS and (big_enough or padding >= GROUP_MIN_TOKENS):
             groups.append(group)
             group, tokens = [], 0
         group.append(row)

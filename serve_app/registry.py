@@ -363,10 +363,9 @@ def load_model(spec: ModelSpec, info: ModelInfo, standin_dir: Path) -> LoadedMod
     from serve_app.kernels import pack_linears, use_decode_attention
 
     kernels = "stock"
-    if spec.kernels == "onednn" and spec.dtype != "int8-dynamic":
+    if spec.kernels == "onednn" and spec.dtype != "int8-dynamic" and pack_linears(model):
         use_decode_attention(model)
-        if pack_linears(model):
-            kernels = "onednn"
+        kernels = "onednn"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     eos_token_id = tokenizer.eos_token_id

@@ -1,6 +1,8 @@
 """The decoding loop on a real (tiny, random-weight) GPT-2: per-row parameters inside one batch
 give each caller exactly what a lone request would."""
 
+from types import SimpleNamespace
+
 import pytest
 
 from serve_app.config import ModelSpec
@@ -88,6 +90,40 @@ def test_prefill_groups_follow_prompt_length(decoder):
     few, _ = decoder.prepare([req("Hi"), req(varied_prompts(3)[-1])])
     assert len(length_groups(few)) == 1
     assert GROUP_CUT_TOKENS > 0
+
+
+def test_short_prompts_are_not_padded_to_a_long_ones_width():
+    rows = [SimpleNamespace(prompt_ids=[0] * n) for n in (300, 1, 3, 1, 200, 1)]
+    widths = [[len(r.prompt_ids) for r in g] for g in length_groups(rows)]
+    assert widths == [[1, 1, 1, 3], [200], [300]]
+    assert length_groups([]) == []
+
+
+def test_a_failed_prefill_leaves_the_running_rows_alone(decoder, monkeypatch):
+    rows, _ = decoder.prepare([req("Hello there", max_new_tokens=8)])
+    batch = decoder.prefill(rows)
+    batch.step()
+    newcomers, _ = decoder.prepare([req(p, max_new_tokens=4) for p in varied_prompts(12)])
+    assert len(length_groups(newcomers)) > 1
+    calls = []
+    real = batch._admit_group
+
+    def fail_second(group):
+        calls.append(group)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        real(group)
+
+    monkeypatch.setattr(batch, "_admit_group", fail_second)
+    with pytest.raises(RuntimeError):
+        batch.admit(newcomers)
+    assert batch.rows == rows  # the first group, admitted before the failure, is gone again
+    while batch.rows:
+        batch.step()
+    assert (
+        decoder.tokenizer.decode(rows[0].tokens)
+        == lone(decoder, req("Hello there", max_new_tokens=8)).completion
+    )
 
 
 def test_rows_prefilled_in_length_groups_get_what_a_lone_request_would(decoder):
