@@ -105,11 +105,8 @@ def _decode_attention(module, query, key, value, attention_mask, scaling=None, d
         )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     scores = torch.matmul(query, key.transpose(-1, -2)).float() * scale
-    if attention_mask is not None:  # sdpa-style: bool (True = attend) or additive float
-        if attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask, float("-inf"))
-        else:
-            scores = scores + attention_mask
+    if attention_mask is not None:  # from `sdpa_mask` (registered below): bool, True = attend
+        scores = scores.masked_fill(~attention_mask, float("-inf"))
     probs = scores.softmax(dim=-1).to(value.dtype)
     return torch.matmul(probs, value).transpose(1, 2), None
 
@@ -133,13 +130,26 @@ def pack_linears(model: nn.Module) -> int:
     dtype = next(model.parameters()).dtype
     if not packing_available(dtype):
         return 0
-    swaps = []
-    for parent in model.modules():
-        for name, child in parent.named_children():
-            if isinstance(child, Conv1D):  # y = x @ weight + bias, weight [in, out]
-                swaps.append((parent, name, PackedLinear(child.weight.t(), child.bias)))
-            elif type(child) is nn.Linear:
-                swaps.append((parent, name, PackedLinear(child.weight, child.bias)))
-    for parent, name, packed in swaps:
-        setattr(parent, name, packed)
+
+    def packed(child: nn.Module) -> nn.Module | None:
+        if isinstance(child, Conv1D):  # y = x @ weight + bias, weight [in, out]
+            return PackedLinear(child.weight.t(), child.bias)
+        if type(child) is nn.Linear:
+            return PackedLinear(child.weight, child.bias)
+        return None
+
+    return replace_modules(model, packed)
+
+
+def replace_modules(model: nn.Module, replacement) -> int:
+    """Swap every submodule for which `replacement(child)` returns a module; returns how many.
+    All replacements are made first, so the walk never sees a module it has just swapped in."""
+    swaps = [
+        (parent, name, new)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if (new := replacement(child)) is not None
+    ]
+    for parent, name, new in swaps:
+        setattr(parent, name, new)
     return len(swaps)

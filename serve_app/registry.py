@@ -444,17 +444,17 @@ def _quantize_int8_dynamic(model):
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
     from transformers.pytorch_utils import Conv1D
 
-    replacements = [
-        (parent, name, child)
-        for parent in model.modules()
-        for name, child in parent.named_children()
-        if isinstance(child, Conv1D)
-    ]
-    for parent, name, conv in replacements:
+    from serve_app.kernels import replace_modules
+
+    def as_linear(conv: nn.Module) -> nn.Module | None:
+        if not isinstance(conv, Conv1D):
+            return None
         linear = nn.Linear(conv.nx, conv.nf, device=conv.weight.device, dtype=conv.weight.dtype)
         linear.weight = nn.Parameter(conv.weight.detach().t().contiguous(), requires_grad=False)
         linear.bias = nn.Parameter(conv.bias.detach(), requires_grad=False)
-        setattr(parent, name, linear)
+        return linear
+
+    replace_modules(model, as_linear)
     with warnings.catch_warnings():
         # torch.ao.quantization is deprecated in favour of torchao (not a dependency) but works.
         warnings.filterwarnings("ignore", category=DeprecationWarning)
