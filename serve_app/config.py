@@ -113,12 +113,12 @@ class BatchingConfig(_Strict):
         "idle model admits at once, so a lone request never waits.",
     )
     single_thread_max_rows: int = Field(
-        default=4,
+        default=0,
         ge=0,
         le=256,
-        description="Decode steps over at most this many rows run on one torch thread (they "
-        "are bound by weight reads; a second thread gains nothing and takes a core from the "
-        "request path). Prefills and larger steps use every thread. 0 always uses every thread.",
+        description="Decode steps over at most this many rows run on one torch thread, leaving "
+        "a core to the request path; prefills and larger steps use every thread. 0: every step "
+        "uses every thread. Which wins depends on the machine: see the README's tuning table.",
     )
 
 

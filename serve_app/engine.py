@@ -189,17 +189,15 @@ class ThreadBudget:
     """torch intra-op threads for each forward pass of the decode thread.
 
     Steps over at most `single_thread_max_rows` rows run on one thread, the rest (and every
-    prefill) on all `threads`. With MKL's float32 matmuls (`kernels: stock`) a small step is
-    bound by weight reads: on the 2-core box 1 thread decoded 1-4 rows as fast as 2 (26.4 vs
-    26.6 ms at 1 row, 55.7 vs 54.1 at 4). With oneDNN kernels the second thread is faster
-    alone (19.9 vs 17 ms at 1 row, 24.6 vs 16.6 at 4), but not in the service: there it takes
-    the request path's core, and every operator's barrier stalls when either thread is
-    preempted. Measured through the service at 8 users, back to back: 230 tok/s with small
-    steps on one thread, 142 with every step on two. Call only from the thread that runs the
-    forward passes.
+    prefill) on all `threads`; 0 (the default) runs every step on all threads. One thread for
+    small steps leaves a core to the request path, and a step on one thread does not stall at
+    barriers when the other core is taken. It paid on one 2-core machine (8 users: 230 vs 142
+    tok/s) and cost on another (1 user: step 41-43 vs 37-38 ms, 4 users 77 vs 83 tok/s, 8 users
+    equal; docs/benchmarks.md), so it is a setting, not a rule. Call only from the thread that
+    runs the forward passes.
     """
 
-    def __init__(self, threads: int, single_thread_max_rows: int = 4) -> None:
+    def __init__(self, threads: int, single_thread_max_rows: int = 0) -> None:
         self.threads = max(1, threads)
         self.single_thread_max_rows = single_thread_max_rows
         self._current = 0

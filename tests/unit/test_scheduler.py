@@ -202,3 +202,20 @@ async def test_small_decode_steps_run_on_one_thread_and_the_rest_on_all(decoders
     assert seen.prefill_threads and set(seen.prefill_threads) == {2}  # prefills use them all
     for request, result in zip(requests, results, strict=True):
         assert result.completion == lone(d1, request)
+
+
+def test_thread_budget_default_runs_every_step_on_every_thread():
+    before = torch.get_num_threads()
+    try:
+        for rows in (1, 2, 4, 32):
+            torch.set_num_threads(1)
+            ThreadBudget(2).for_step(rows)  # single_thread_max_rows defaults to 0
+            assert torch.get_num_threads() == 2, rows
+        budget = ThreadBudget(2)
+        budget.single_thread_max_rows = 4  # live, as reconfigure() sets it
+        budget.for_step(4)
+        assert torch.get_num_threads() == 1
+        budget.for_step(5)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
