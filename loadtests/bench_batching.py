@@ -406,8 +406,9 @@ def main() -> None:
     sizes = sorted(set(args.levels) | {1, 32})
     reps = 2 if args.quick else 3
     # Stock kernels only give context (a report line, never the baseline when slower), so the
-    # quick mode times them once. That saves about 12 s; on a machine half as fast as the one
-    # the windows were sized on, --quick still ran 303-386 s (docs/benchmarks.md).
+    # quick mode times them once: one pass at batch 1, 8 and 32 took 10.8 s. On a machine half
+    # as fast as the one the windows were sized on, --quick still ran 303-386 s
+    # (docs/benchmarks.md, fourth session).
     stock_reps = 1 if args.quick else reps
     raw_stock = measure_raw(sizes, args.new_tokens, stock_reps, args.threads, "stock")
     raw_before = measure_raw(sizes, args.new_tokens, reps, args.threads, "onednn")
