@@ -50,6 +50,14 @@ WORDS = (
 ).split()
 
 
+STARTED = time.monotonic()
+
+
+def log(message: str) -> None:
+    """A progress line, stamped with the seconds since the run started."""
+    print(f"[{time.monotonic() - STARTED:5.0f} s] {message}", flush=True)
+
+
 def make_prompt(rng: random.Random) -> str:
     return " ".join(rng.choices(WORDS, k=10)) + f" {uuid.uuid4().hex[:4]}"
 
@@ -76,7 +84,7 @@ def measure_raw(
     info = prepare_model(spec, standin_dir, 1.0, True)
     loaded = load_model(spec, info, standin_dir)
     if loaded.kernels != kernels:
-        print(f"  ({kernels} kernels unavailable here: raw runs on {loaded.kernels})")
+        log(f"  ({kernels} kernels unavailable here: raw runs on {loaded.kernels})")
     model, tok = loaded.model, loaded.tokenizer
     tok.padding_side = "left"
     rng = random.Random(0)
@@ -106,7 +114,7 @@ def measure_raw(
             "tok_s": batch * new_tokens / latency,
             "kernels": loaded.kernels,
         }
-        print(
+        log(
             f"  raw generate() {loaded.kernels:>6} batch {batch:>3}: "
             f"{results[batch]['tok_s']:7.1f} tok/s, {latency:6.2f} s"
         )
@@ -197,7 +205,7 @@ async def closed_loop(
             for n in lengths
         }
     if errors:
-        print(f"    {len(errors)} errors, e.g. {errors[0]}")
+        log(f"    {len(errors)} errors, e.g. {errors[0]}")
     return result
 
 
@@ -241,7 +249,9 @@ async def run_service(args, raw: dict, workdir: Path) -> dict:
 
         def windows(users: int, batching: bool) -> tuple[float, float]:
             ref = raw.get(min(users, 32)) or raw[max(raw)]
-            one_round = ref["latency_s"] * (1 if batching else users)
+            # Batching on, the first round of `users` rows must finish before the window opens.
+            # Off, rows run one at a time from the first request on: one row's time suffices.
+            one_round = ref["latency_s"] if batching else raw[1]["latency_s"]
             warmup = min(one_round, 8.0 if args.quick else 20.0) + 2.0
             return warmup, max(args.duration, 2.5 * ref["latency_s"])
 
@@ -249,14 +259,14 @@ async def run_service(args, raw: dict, workdir: Path) -> dict:
         for model in ("gpt2-bf16", "gpt2-int8"):
             r = await closed_loop(app.base_url, 32, w, d, model=model, new_tokens=args.new_tokens)
             out["dtype"][model] = r
-            print(
+            log(
                 f"  service, {model:>9}, 32 users: {r['tok_s']:7.1f} tok/s, p50 {r['p50_s']:6.2f} s"
             )
 
         r = await closed_loop(app.base_url, 32, w, d * 1.5, lengths=[8, 16, 32, 64])
         out["mixed"] = r
         per = ", ".join(f"{n}: p50 {v['p50_s']:.2f} s" for n, v in r["by_length"].items())
-        print(f"  service, mixed lengths, 32 users: {r['tok_s']:7.1f} useful tok/s ({per})")
+        log(f"  service, mixed lengths, 32 users: {r['tok_s']:7.1f} useful tok/s ({per})")
 
         # On from the highest level down, then off from the lowest up: each level's on and off
         # windows sit as close together in time as the live switch allows, so machine drift
@@ -265,7 +275,7 @@ async def run_service(args, raw: dict, workdir: Path) -> dict:
             w, d = windows(users, True)
             r = await closed_loop(app.base_url, users, w, d, new_tokens=args.new_tokens)
             out["on"][users] = r
-            print(
+            log(
                 f"  service, batching on,  {users:>2} users: {r['tok_s']:7.1f} tok/s, "
                 f"p50 {r['p50_s']:6.2f} s, p95 {r['p95_s']:6.2f} s ({r['requests']} req)"
             )
@@ -284,7 +294,7 @@ async def run_service(args, raw: dict, workdir: Path) -> dict:
                 app.base_url, users, w, d, new_tokens=args.new_tokens, drain_s=10.0
             )
             out["off"][users] = r
-            print(
+            log(
                 f"  service, batching off, {users:>2} users: {r['tok_s']:7.1f} tok/s, "
                 f"p50 {r['p50_s']:6.2f} s ({r['requests']} req)"
             )
@@ -402,21 +412,20 @@ def main() -> None:
     args.duration = args.duration or (10.0 if args.quick else 40.0)
 
     started = time.time()
-    print("1. raw generate()")
+    log("1. raw generate()")
     sizes = sorted(set(args.levels) | {1, 32})
     reps = 2 if args.quick else 3
     # Stock kernels only give context (a report line, never the baseline when slower), so the
-    # quick mode times them once: one pass at batch 1, 8 and 32 took 10.8 s. On a machine half
-    # as fast as the one the windows were sized on, --quick still ran 303-386 s
-    # (docs/benchmarks.md, fourth session).
-    stock_reps = 1 if args.quick else reps
-    raw_stock = measure_raw(sizes, args.new_tokens, stock_reps, args.threads, "stock")
+    # quick mode times them once and at batch 32 only, the one figure its report uses: stock
+    # batch 1 and 8 took 16 s of a 372 s --quick run (docs/benchmarks.md, fifth session).
+    stock_sizes, stock_reps = ([32], 1) if args.quick else (sizes, reps)
+    raw_stock = measure_raw(stock_sizes, args.new_tokens, stock_reps, args.threads, "stock")
     raw_before = measure_raw(sizes, args.new_tokens, reps, args.threads, "onednn")
-    print("2. service (configs/bench.yaml)")
+    log("2. service (configs/bench.yaml)")
     workdir = Path(os.environ.get("BENCH_WORKDIR", ROOT / "bench-results" / "run"))
     workdir.mkdir(parents=True, exist_ok=True)
     svc = asyncio.run(run_service(args, raw_before, workdir))
-    print("3. raw generate() again, service stopped")
+    log("3. raw generate() again, service stopped")
     raw_after = measure_raw([1, 32], args.new_tokens, 2, args.threads, "onednn")
     # The machine may have been busier during one raw run than another: the ratios use the
     # fastest (hardest) baseline of all, and the drift says how noisy the run was.
@@ -425,9 +434,9 @@ def main() -> None:
         runs = [r[b] for r in (raw_stock, raw_before, raw_after) if b in r]
         raw[b] = dict(max(runs, key=lambda r: r["tok_s"]))
     drift = {b: round(v["tok_s"] / raw_before[b]["tok_s"], 3) for b, v in raw_after.items()}
-    print(f"  raw drift (after / before tok/s): {drift}")
+    log(f"  raw drift (after / before tok/s): {drift}")
     if any(abs(d - 1) > 0.15 for d in drift.values()):
-        print(
+        log(
             "  WARNING: the raw baseline moved by more than 15% during the run: the machine "
             "was busy; ratios are less reliable"
         )

@@ -9,7 +9,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app.errors import ServeError
@@ -89,6 +89,18 @@ def install_error_handlers(app: FastAPI) -> None:
         try:
             response = await call_next(request)
         except Exception as exc:  # Starlette re-raises unhandled errors through middleware
+            if await _client_gone(request):
+                # The client went away (its timeout, a closed connection) and the request was
+                # cancelled: nobody reads an answer, and no server error happened to log.
+                logger.info("client disconnected: %s %s", request.method, request.url.path)
+                return Response(status_code=499)
             response = unexpected_error_response(request, exc)
         response.headers["X-Response-Time"] = f"{(time.perf_counter() - started) * 1000:.2f}ms"
         return response
+
+
+async def _client_gone(request: Request) -> bool:
+    try:
+        return await request.is_disconnected()
+    except Exception:  # Ray Serve cancels the request's receive channel along with it
+        return True
