@@ -171,11 +171,11 @@ def start_app(
     )
 
 
-def stop_app(proc: subprocess.Popen) -> None:
+def stop_app(proc: subprocess.Popen, timeout_s: float = 60) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGINT)  # serve run shuts Serve and its local Ray down
         try:
-            proc.wait(timeout=60)
+            proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
