@@ -56,7 +56,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import start_app, stop_app  # noqa: E402  (the same harness as the tests)
+from tests.conftest import descendants, start_app, stop_app  # noqa: E402  (the same harness as the tests)
 
 WORDS = (
     "river stone garden engine market silver quiet window morning story lantern harbor "
@@ -177,24 +177,6 @@ def measure_raw(
     return RawModel(new_tokens, threads, kernels).measure(batch_sizes, reps)
 
 
-def process_tree(root: int) -> list[int]:
-    """`root` and all its descendants (for `serve run`: Ray's daemons and every replica)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo.extend(children.get(pid, []))
-    return tree
-
-
 @contextmanager
 def frozen(root: int) -> Iterator[None]:
     """Stop every process of the service (SIGSTOP) for the block, then let them go on.
@@ -205,7 +187,7 @@ def frozen(root: int) -> Iterator[None]:
     decides the ratio more than the service does. The app answers normally after a freeze
     (checked: three 12 s freezes of the tiny app, each followed by a 200 and a healthy /healthz).
     """
-    pids = process_tree(root)
+    pids = [root, *descendants(root)]
     stopped = []
     try:
         for pid in pids:

@@ -171,6 +171,24 @@ def start_app(
     )
 
 
+def descendants(root: int) -> list[int]:
+    """Every process below `root` (for `serve run`: Ray's daemons and the replicas), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 def stop_app(proc: subprocess.Popen, timeout_s: float = 60) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGINT)  # serve run shuts Serve and its local Ray down

@@ -28,6 +28,7 @@ import pytest
 from tests.conftest import (
     ROOT,
     RunningApp,
+    descendants,
     needs_postgres,
     private_postgres_database,
     start_app,
@@ -298,28 +299,11 @@ def test_paging_walks_every_row_once_while_rows_are_inserted(client, app) -> Non
     assert set(seen[len(first_page) :]) <= set(old_ids)  # later pages never shift
 
 
-def _descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
 def replica_pids(app: RunningApp, deployment: str) -> set[int]:
     """Replica processes of this app's cluster, found by the title Ray gives them."""
     title = f"ServeReplica:{APP_NAME}:{deployment}".encode()
     pids = set()
-    for pid in _descendants(app.pid):
+    for pid in descendants(app.pid):
         try:
             if title in Path(f"/proc/{pid}/cmdline").read_bytes():
                 pids.add(pid)
