@@ -96,7 +96,7 @@ def cpu_ticks() -> list[int]:
 def steal_share(before: list[int], after: list[int]) -> float | None:
     """Share of the machine's CPU time the hypervisor gave to other guests between two
     `cpu_ticks()` readings. On a shared VM this is what makes a window slow for no reason of its
-    own (seen here: 5-32% while both cores were busy), so every window reports it."""
+    own (seen in this project's benchmark runs: 0-44% of a window), so every window reports it."""
     if len(before) < 8 or len(after) < 8:
         return None
     delta = [b - a for a, b in zip(before, after, strict=False)]
@@ -390,7 +390,8 @@ async def run_service(args, raw: dict, raw_model: RawModel, workdir: Path) -> di
             if users in PAIRED_LEVELS:
                 rows = await paired_windows(app, proc, raw_model, users, args.pairs, w, d)
                 out["pairs"][users] = rows
-                # The table, the plot and on/off use the pair with the median throughput.
+                # The table, the plot and on/off use the pair with the median throughput
+                # (the upper one of two).
                 r = sorted((p["service"] for p in rows), key=lambda x: x["tok_s"])[len(rows) // 2]
             else:
                 r = await closed_loop(app.base_url, users, w, d, new_tokens=args.new_tokens)
@@ -466,7 +467,7 @@ def report(raw: dict, raw_stock: dict, svc: dict, args) -> dict:
     pairs = svc.get("pairs", {})
 
     def paired(users: int, key: str) -> float | None:
-        rows = pairs.get(users) or pairs.get(str(users))
+        rows = pairs.get(users)
         return statistics.median(p[key] for p in rows) if rows else None
 
     if 32 in on and 32 in raw:
