@@ -2,13 +2,16 @@
 on real tiny GPT-2 stand-ins."""
 
 import asyncio
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
 
 from serve_app.config import ModelSpec
 from serve_app.domain import GenerationRequest, GenerationResult, SamplingParams
-from serve_app.engine import BatchDecoder, ThreadBudget
+from serve_app.engine import BatchDecoder, ThreadBudget, torch_side_executor
 from serve_app.errors import PromptTooLongError
 from serve_app.registry import load_model, resolve_model
 from serve_app.scheduler import Scheduler
@@ -217,5 +220,39 @@ def test_thread_budget_default_runs_every_step_on_every_thread():
         assert torch.get_num_threads() == 1
         budget.for_step(5)
         assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def _os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def _parallel_work() -> int:
+    x = torch.randn(4_000_000)
+    x.exp().sum()  # elementwise over 4M floats: split across torch's intra-op (OpenMP) threads
+    return torch.get_num_threads()
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
+def test_torch_side_thread_gets_no_openmp_team_of_its_own():
+    """A thread beside the decode thread that runs torch on several threads gets an OpenMP
+    team of its own for as long as it lives (so libgomp throttles every team's spinning: see
+    engine.one_torch_thread); a `torch_side_executor` thread runs torch on one thread and
+    starts no OpenMP worker."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        _parallel_work()  # this thread's own team, if it had none yet
+        base = _os_threads()
+        with ThreadPoolExecutor(max_workers=1) as plain:  # the control: what the fix prevents
+            assert plain.submit(_parallel_work).result() == 2
+            plain_threads = _os_threads() - base
+        torch.set_num_threads(2)
+        with torch_side_executor("side") as side:
+            assert side.submit(_parallel_work).result() == 1
+            side_threads = _os_threads() - base
+        assert plain_threads == 2, "the executor's thread and its OpenMP worker"
+        assert side_threads == 1, "the executor's thread alone"
     finally:
         torch.set_num_threads(before)
