@@ -71,11 +71,22 @@ def packing_available(dtype: torch.dtype) -> bool:
     return _checked[dtype]
 
 
+def native_bfloat16() -> bool:
+    """oneDNN has bfloat16 kernels for this CPU (AVX-512 and up); without them bfloat16
+    matmuls run on generic code, far slower than float32."""
+    try:
+        return bool(
+            torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        )
+    except Exception:  # an internal op: missing in this torch build
+        return False
+
+
 def _probe(dtype: torch.dtype) -> bool:
     try:
         if not torch.backends.mkldnn.is_available():
             return False
-        if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        if dtype == torch.bfloat16 and not native_bfloat16():
             return False
         gen = torch.Generator().manual_seed(0)
         weight = torch.randn(48, 40, generator=gen).to(dtype)

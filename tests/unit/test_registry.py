@@ -366,3 +366,24 @@ def test_prepare_builds_the_standin_once_and_only_for_standins(standin_root, tin
     local = ModelSpec(id="l", source=str(tiny_checkpoint), architecture="tiny", seed=99)
     assert prepare_model(local, standin_root, hub_timeout_s=1.0, offline=True).kind == "local"
     assert {p.name for p in standin_root.iterdir()} == before  # nothing built for a real model
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bfloat16_without_cpu_support_is_loaded_with_a_warning(
+    standin_root, monkeypatch, caplog, native
+):
+    """On a CPU oneDNN has no bfloat16 kernels for, bfloat16 still serves, but the operator is
+    told at load time that it will be far slower than float32 (the CPU decides which branch
+    this machine takes on its own; both are forced here)."""
+    from serve_app import kernels
+
+    monkeypatch.setattr(kernels, "native_bfloat16", lambda: native)
+    monkeypatch.setattr(kernels, "_checked", {})  # the packing probe asks it too: no leftovers
+    model_spec = spec(dtype="bfloat16")
+    with caplog.at_level(logging.WARNING):
+        loaded = load_model(
+            model_spec, resolve_model(model_spec, standin_root, 1.0, True), standin_root
+        )
+    assert next(loaded.model.parameters()).dtype == torch.bfloat16
+    warned = [r for r in caplog.records if "no bfloat16 kernels" in r.getMessage()]
+    assert bool(warned) is not native
