@@ -238,6 +238,8 @@ class ThreadBudget:
 
     def _use(self, threads: int) -> None:
         if threads != self._current:
+            if not self._current:  # as in one_torch_thread: torch's lazy per-thread setup
+                torch.get_num_threads()  # first, or it could apply another thread's count later
             torch.set_num_threads(threads)
             self._current = threads
 

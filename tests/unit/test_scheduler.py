@@ -256,3 +256,33 @@ def test_torch_side_thread_gets_no_openmp_team_of_its_own():
         assert side_threads == 1, "the executor's thread alone"
     finally:
         torch.set_num_threads(before)
+
+
+def test_thread_budget_count_survives_another_thread_setting_one():
+    """torch applies its process-wide count to a thread lazily, at that thread's first use. A
+    side thread setting one thread (`one_torch_thread`) between the decode thread's first
+    `ThreadBudget` call and its first forward pass must not leave the decode thread on one."""
+    import threading
+
+    before = torch.get_num_threads()
+    budget_set, side_done = threading.Event(), threading.Event()
+    seen: list[int] = []
+
+    def decode_thread() -> None:
+        ThreadBudget(2).for_prefill()
+        budget_set.set()
+        side_done.wait(10)
+        torch.randn(1000).exp()  # this thread's first torch op
+        seen.append(torch.get_num_threads())
+
+    try:
+        decode = threading.Thread(target=decode_thread)
+        decode.start()
+        budget_set.wait(10)
+        with torch_side_executor("side") as side:
+            side.submit(torch.get_num_threads).result()
+        side_done.set()
+        decode.join(10)
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [2]
