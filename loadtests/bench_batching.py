@@ -620,6 +620,17 @@ def plot(raw: dict, raw_stock: dict, svc: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def json_safe(value):
+    """NaN (a figure with no samples, e.g. a skipped window) as null: strict JSON has no NaN."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -688,7 +699,7 @@ def main() -> None:
         "elapsed_s": round(time.monotonic() - STARTED, 1),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2, default=str))
+    args.out.write_text(json.dumps(json_safe(results), indent=2, default=str))
     plot(raw, raw_stock, svc, args.plot)
     print(f"\nwrote {args.out} and {args.plot} in {results['elapsed_s']} s")
 
