@@ -5,9 +5,9 @@
     .venv/bin/python loadtests/bench_batching.py --help
 
 1. Raw: the gpt2-124M-architecture stand-in in this process, `model.generate()` (greedy, fp32,
-   exactly N new tokens) at several batch sizes, twice: on stock transformers/PyTorch kernels
-   (`kernels: stock`, what the issue measured) and on the kernels the service loads
-   (`kernels: onednn`, see serve_app/kernels.py). The service is not running meanwhile.
+   exactly N new tokens) at several batch sizes on the kernels the service loads (`kernels:
+   onednn`, see serve_app/kernels.py) and, in the full run, on stock transformers/PyTorch
+   kernels too (`kernels: stock`, what the issue measured). The service is not running.
 2. Service: `serve run configs/bench.yaml` (cache off, unique prompts), closed-loop users at
    each concurrency level from the highest down; after the 32-user float32 windows, dtypes
    (bfloat16, int8-dynamic) and mixed `max_new_tokens` (8/16/32/64) at 32 users. A dtype
@@ -20,9 +20,9 @@
    compared with; `--pairs` such pairs, and the targets take the median pair's ratio.
 3. The same levels with batching off (`max_batch_size: 1`, applied live through `user_config`),
    from the lowest up, so each level's on and off windows are close together in time.
-4. Raw `generate()` at batch 1 and 32 in this process while the service is up and idle, as
-   context: the ratios against it split the gap into what the idle cluster's presence costs
-   and what serving requests costs. Never the baseline.
+4. Full run only: raw `generate()` at batch 1 and 32 in this process while the service is up
+   and idle, as context: the ratios against it split the gap into what the idle cluster's
+   presence costs and what serving requests costs. Never the baseline.
 5. Raw `generate()` again, service stopped. The fastest raw run of all at each batch size
    (before or after, either kernels) sizes the windows and gives report-only ratios; the
    baseline of the targets is the paired raw run, on the same oneDNN kernels as the service,
