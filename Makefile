@@ -60,10 +60,10 @@ bench-cache: install
 CONFIG ?= serve_config.yaml
 .PHONY: db-upgrade db-purge bench-persistence
 db-upgrade: install
-	$(BIN)/python -m serve_app.db --config $(CONFIG) upgrade
+	$(BIN)/python -m serve_app.storage --config $(CONFIG) upgrade
 
 db-purge: install
-	$(BIN)/python -m serve_app.db --config $(CONFIG) purge $(if $(DAYS),--older-than-days $(DAYS))
+	$(BIN)/python -m serve_app.storage --config $(CONFIG) purge $(if $(DAYS),--older-than-days $(DAYS))
 
 bench-persistence: install
 	$(BIN)/python loadtests/bench_persistence.py

@@ -6,7 +6,7 @@
 
 1. Raw: the gpt2-124M-architecture stand-in in this process, `model.generate()` (greedy, fp32,
    exactly N new tokens) at several batch sizes on the kernels the service loads (`kernels:
-   onednn`, see serve_app/kernels.py) and, in the full run, on stock transformers/PyTorch
+   onednn`, see serve_app/generation/kernels.py) and, in the full run, on stock transformers/PyTorch
    kernels too (`kernels: stock`, what the issue measured). The service is not running.
 2. Service: `serve run configs/bench.yaml` (cache off, unique prompts), closed-loop users at
    each concurrency level from the highest down; after the 32-user float32 windows, dtypes
@@ -119,7 +119,8 @@ class RawModel:
         import torch
 
         from serve_app.config import AppArgs, ModelSpec, resolve_args
-        from serve_app.registry import load_model, prepare_model
+        from serve_app.models.loading import load_model
+        from serve_app.models.resolve import prepare_model
 
         torch.set_num_threads(threads)
         spec = ModelSpec(id="gpt2", architecture="gpt2", seed=0, kernels=kernels)

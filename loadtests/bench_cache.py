@@ -255,7 +255,7 @@ def main() -> int:
     base = args.url
     if base is None:
         sys.path.insert(0, str(ROOT))
-        from serve_app.redis_server import EmbeddedRedis
+        from serve_app.cache.embedded_redis import EmbeddedRedis
         from tests.conftest import start_app, stop_app
 
         redis = EmbeddedRedis().__enter__()

@@ -43,7 +43,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from serve_app.store import NewGeneration, Store, encode_cursor  # noqa: E402
+from serve_app.domain import Generation  # noqa: E402
+from serve_app.storage.store import Store, encode_cursor  # noqa: E402
 
 TARGET_ROWS_PER_S = 2000
 TARGET_RATIO = 10.0
@@ -61,12 +62,12 @@ WRITE_MODES = (
 )
 
 
-def _row(writer: int, n: int) -> NewGeneration:
+def _row(writer: int, n: int) -> Generation:
     prompt = f"writer {writer} prompt {n} {uuid.uuid4().hex[:8]}"
-    return NewGeneration(
+    return Generation(
         prompt=prompt,
-        generated_text=prompt + " and then the model went on for a while" * 3,
-        model_name="gpt2",
+        completion=" and then the model went on for a while" * 3,
+        model="gpt2",
         model_source="openai-community/gpt2",
         model_revision="607a30d",
         params={"max_new_tokens": 32, "temperature": 0.0},
@@ -90,14 +91,14 @@ def _deploy(name: str, url: str, user_config: dict[str, Any]):
     from ray import serve
 
     from serve_app.app import DEFAULT_DEPLOYMENT_OPTIONS
-    from serve_app.persistence import Persistence
+    from serve_app.storage.persistence import Persistence
 
     options = {**DEFAULT_DEPLOYMENT_OPTIONS["Persistence"], "user_config": user_config}
     return serve.run(Persistence.options(**options).bind(url), name=name, route_prefix=None)
 
 
 async def _write_load(handle, writers: int, seconds: float, coalesce_calls: bool) -> dict[str, Any]:
-    from serve_app.ingress import HandleBackend
+    from serve_app.http.ingress import HandleBackend
 
     # The ingress's own path to the deployment: concurrent requests share a handle call, unless
     # `coalesce_calls` is off (then every row is its own call).
@@ -190,7 +191,7 @@ async def _in_process(workdir: Path, writers: int, seconds: float) -> dict[str, 
 
 
 async def _in_process_mode(db: Path, writers: int, seconds: float, group: bool) -> dict[str, Any]:
-    from serve_app.group_commit import GroupCommitter
+    from serve_app.storage.group_commit import GroupCommitter
 
     store = Store(f"sqlite+aiosqlite:///{db}")
     await store.start()
@@ -466,7 +467,10 @@ def main() -> int:
                 report["table_build_s"] = round(build_table(db, ns.rows), 1)
             report["history"] = bench_history(db, ns.queries)
     finally:
-        serve.shutdown()
+        try:
+            serve.shutdown()
+        except RuntimeError as exc:  # handles bound to the sections' asyncio.run loops, now closed
+            print(f"serve.shutdown: {exc} (ignored)")
         ray.shutdown()
 
     rows: list[tuple[str, str, str, str]] = []

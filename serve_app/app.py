@@ -10,9 +10,9 @@ from typing import Any
 from ray.serve import Application
 
 from serve_app.config import AppArgs, BatchingConfig, PersistenceTuning, resolve_args
-from serve_app.generator import Generator
-from serve_app.ingress import Ingress
-from serve_app.persistence import Persistence
+from serve_app.generation.generator import Generator
+from serve_app.http.ingress import Ingress
+from serve_app.storage.persistence import Persistence
 
 # On a 2-core box the ingress and the store are I/O-bound; the generator gets the CPU.
 DEFAULT_DEPLOYMENT_OPTIONS: dict[str, dict[str, Any]] = {

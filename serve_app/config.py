@@ -142,7 +142,7 @@ class PersistenceOptions(_Strict):
         default=None,
         gt=0,
         description="Delete records older than this many days (hourly, and by `python -m "
-        "serve_app.db purge`). None keeps everything.",
+        "serve_app.storage purge`). None keeps everything.",
     )
     purge_interval_s: float = Field(
         default=3600.0, gt=0, description="How often the deployment applies `retention_days`."

@@ -1,10 +1,20 @@
-"""Domain types shared by the ingress, the generator and the cache. Plain dataclasses with no
-torch, Ray or HTTP import: the ingress process never loads torch."""
+"""The request and the record that every deployment shares.
+
+One validated `GenerationRequest` per prompt flows ingress -> cache key -> generator. One
+`Generation` record flows back: the generator fills in the text, usage and finish reason, the
+ingress the cache outcome, user and latency, persistence the id and creation time; history reads
+the same record back. The HTTP wire types map to and from these in `serve_app.http.schemas`.
+
+Plain dataclasses with no torch, Ray or HTTP import: the ingress process never loads torch, and
+they pickle cheaply across a DeploymentHandle.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+import dataclasses
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
 
 DEFAULT_MAX_NEW_TOKENS = 50
 FinishReason = Literal["length", "stop"]
@@ -48,31 +58,69 @@ class SamplingParams:
             return self.max_length - prompt_tokens
         return DEFAULT_MAX_NEW_TOKENS
 
+    def as_dict(self) -> dict[str, Any]:
+        """The settings that are set, as stored with each record."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    model_id: str
+    """One prompt to complete, validated and with its parameters normalized."""
+
+    model: str
     prompt: str
-    params: SamplingParams
+    params: SamplingParams = field(default_factory=SamplingParams)
+    user_id: str | None = None
+    use_cache: bool = True  # False: neither read nor write the cache, always generate
+
+    @property
+    def cacheable(self) -> bool:
+        return self.use_cache and self.params.deterministic
 
 
 @dataclass(frozen=True)
-class GenerationResult:
-    model_id: str
+class Feedback:
+    rating: int  # 1 (bad) to 5 (good)
+    comment: str | None
+    created_at: datetime  # aware, UTC
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One answered prompt, from the generator's output to the stored row and back."""
+
+    model: str
     prompt: str
     completion: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: FinishReason
     model_source: str
     model_revision: str
-    real_weights: bool
-    generation_ms: float
+    finish_reason: FinishReason | None = None  # None: not recorded (rows from before it was)
+    params: dict[str, Any] = field(default_factory=dict)
+    user_id: str | None = None
+    cached: bool = False
+    latency_ms: float = 0.0
+    id: str | None = None  # assigned by persistence when the row commits
+    created_at: datetime | None = None  # aware, UTC; assigned with the id
+    feedback: Feedback | None = None
 
     @property
     def generated_text(self) -> str:
         """Prompt and continuation, as the transformers text-generation pipeline returns it."""
         return self.prompt + self.completion
+
+    def replace(self, **changes: Any) -> Generation:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What persistence assigned to a committed record: all that travels back across the
+    handle, since the writer holds the rest (`Generation.replace(id=..., created_at=...)`)."""
+
+    id: str
+    created_at: datetime  # aware, UTC
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,14 @@ class ModelUnavailableError(ServeError):
     error_type = "model_unavailable"
 
 
+class GenerationFailedError(ServeError):
+    """An unexpected failure while generating: logged in full where it happened, reported to
+    the client without internals."""
+
+    status_code = 500
+    error_type = "internal_error"
+
+
 class DependencyUnavailableError(ServeError):
     status_code = 503
     error_type = "dependency_unavailable"

@@ -19,7 +19,7 @@ import httpx
 import pytest
 import yaml
 
-from serve_app.redis_server import EmbeddedRedis
+from serve_app.cache.embedded_redis import EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_S = 240

@@ -52,7 +52,8 @@ def seed_expired_row(database_url: str) -> None:
     """A record older than the retention age, in the database before the app starts."""
     from sqlalchemy import insert
 
-    from serve_app.store import Generation, Store
+    from serve_app.storage.store import Store
+    from serve_app.storage.tables import GenerationRow
 
     async def seed() -> None:
         store = Store(database_url)
@@ -60,7 +61,7 @@ def seed_expired_row(database_url: str) -> None:
         try:
             async with store.engine.begin() as conn:
                 await conn.execute(
-                    insert(Generation),
+                    insert(GenerationRow),
                     {
                         "id": EXPIRED_ID,
                         "created_at": datetime.now(timezone.utc).replace(tzinfo=None)

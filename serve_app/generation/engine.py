@@ -1,0 +1,308 @@
+"""Batched autoregressive decoding where every row keeps its own generation parameters.
+
+A `DecodeBatch` runs each newcomer's prompt through the model once (a left-padded prefill),
+then one forward step per token for all its rows, each row's next token chosen with its own
+temperature / top-p / seeded RNG (`sampling`). A row leaves the batch and the KV cache as soon
+as it finishes, so a short request never pays for a long neighbour's remaining steps. Each
+`step()` returns the tokens it produced, for token streaming.
+
+No Ray import: unit tests drive it in-process.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from transformers import DynamicCache
+
+from serve_app.domain import FinishReason, Generation, GenerationRequest, SamplingParams, StepEvent
+from serve_app.errors import (
+    GenerationFailedError,
+    InvalidRequestError,
+    PromptTooLongError,
+    ServeError,
+)
+from serve_app.generation.sampling import choose_tokens
+
+if TYPE_CHECKING:
+    from serve_app.models.loading import LoadedModel
+
+logger = logging.getLogger("ray.serve").getChild(__name__)
+
+
+@dataclass
+class _Row:
+    index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    budget: int
+    rng: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+    finish: FinishReason | None = None
+
+
+class BatchDecoder:
+    """Generates for a batch of requests on one loaded model. Blocking: run it in a thread."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        self.body = loaded.model.base_model  # the transformer without the LM head
+        self.head = loaded.model.get_output_embeddings()
+        self.tokenizer = loaded.tokenizer
+        self.eos_id = loaded.eos_token_id
+        self.pad_id = loaded.eos_token_id
+        self.vocab_limit = loaded.vocab_limit
+        self.n_positions = loaded.n_positions
+
+    # -- validation -------------------------------------------------------------------------
+    def _prepare(self, index: int, request: GenerationRequest) -> _Row:
+        ids = self.tokenizer.encode(request.prompt, add_special_tokens=False)
+        if not ids:
+            raise InvalidRequestError("prompt encodes to no tokens")
+        params = request.params
+        budget = params.budget(len(ids))
+        if budget < 1:
+            raise InvalidRequestError(
+                f"max_length ({params.max_length}) must exceed the prompt's {len(ids)} tokens"
+            )
+        if len(ids) + budget > self.n_positions:
+            raise PromptTooLongError(
+                f"prompt ({len(ids)} tokens) + {budget} new tokens exceeds the model's context "
+                f"of {self.n_positions} tokens",
+                prompt_tokens=len(ids),
+                limit=self.n_positions,
+            )
+        rng = None
+        if not params.greedy:
+            seed = params.seed if params.seed is not None else random.getrandbits(63)
+            rng = torch.Generator().manual_seed(seed)
+        return _Row(index, ids, params, budget, rng)
+
+    def prepare(
+        self, requests: Sequence[GenerationRequest]
+    ) -> tuple[list[_Row], dict[int, ServeError]]:
+        """A row for each request that can run, and an error for each one that cannot: one bad
+        request fails alone, and nothing raised here can reach the decode thread's loop."""
+        rows: list[_Row] = []
+        errors: dict[int, ServeError] = {}
+        for i, request in enumerate(requests):
+            try:
+                rows.append(self._prepare(i, request))
+            except ServeError as exc:
+                errors[i] = exc
+            except Exception:
+                logger.exception("preparing a request for model %s failed", request.model)
+                errors[i] = GenerationFailedError("generation failed")
+        return rows, errors
+
+    # -- decoding ---------------------------------------------------------------------------
+    def forward_last(
+        self,
+        input_ids: torch.Tensor,
+        attention: torch.Tensor,
+        positions: torch.Tensor,
+        cache: DynamicCache | None,
+    ) -> tuple[torch.Tensor, DynamicCache]:
+        """Logits of each row's last position, and the updated KV cache.
+
+        The LM head (40% of GPT-2's weights) runs on the last position only, and on a plain
+        [rows, hidden] matrix: `logits_to_keep` hands it a strided [rows, 1, hidden] view,
+        for which bf16 `linear` falls back to a batched matmul that copies the whole weight
+        once per row (measured: 3.6 s of a 3.9 s bf16 prefill of 32 rows).
+        """
+        out = self.body(
+            input_ids=input_ids,
+            attention_mask=attention,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        return self.head(out.last_hidden_state[:, -1, :]), out.past_key_values
+
+    def result(self, request: GenerationRequest, row: _Row) -> Generation:
+        info = self.loaded.info
+        return Generation(
+            model=request.model,
+            prompt=request.prompt,
+            completion=self.tokenizer.decode(row.tokens, skip_special_tokens=True),
+            prompt_tokens=len(row.prompt_ids),
+            completion_tokens=len(row.tokens),
+            finish_reason=row.finish or "length",
+            model_source=info.location,
+            model_revision=info.revision,
+            params=request.params.as_dict(),
+        )
+
+
+class DecodeBatch:
+    """Rows decoding together, at iteration level: a row joins after its own prefill, at a step
+    boundary, and leaves as soon as it is done. Left padding keeps every row's tokens aligned at
+    the right edge of one KV cache; columns no row needs any more are trimmed away.
+
+    Not thread-safe: one thread drives a batch.
+    """
+
+    def __init__(self, decoder: BatchDecoder) -> None:
+        self.decoder = decoder
+        self.rows: list[_Row] = []
+        # One cache for the batch's lifetime: the model appends to it in place each step; it is
+        # only edited (rows stacked in, retired rows and dead columns cut out) when rows change.
+        self._cache: DynamicCache | None = None  # per layer [rows, heads, time, head_dim]
+        self._attention = torch.zeros((0, 0), dtype=torch.long)
+        self._last_pos = torch.zeros((0,), dtype=torch.long)
+        self._logits: torch.Tensor | None = None  # next-token logits of every row
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @torch.inference_mode()
+    def admit(self, rows: list[_Row]) -> None:
+        """Run the new rows' prompts and merge them in: one left-padded forward pass per
+        group of similar prompt lengths (`length_groups`), so short prompts pay little
+        padding when long ones arrive with them."""
+        admitted = len(self.rows)
+        try:
+            for group in length_groups(rows):
+                self._admit_group(group)
+        except BaseException:
+            self.drop(self.rows[admitted:])  # all newcomers or none: the caller fails them all
+            raise
+
+    def _admit_group(self, rows: list[_Row]) -> None:
+        width = max(len(r.prompt_ids) for r in rows)
+        input_ids = torch.full((len(rows), width), self.decoder.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, row in enumerate(rows):
+            n = len(row.prompt_ids)
+            input_ids[j, width - n :] = torch.tensor(row.prompt_ids)
+            attention[j, width - n :] = 1
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        logits, cache = self.decoder.forward_last(input_ids, attention, positions, None)
+        if not self.rows:
+            self._cache, self._attention = cache, attention
+            self._last_pos, self._logits = positions[:, -1], logits
+        else:
+            total = max(self._attention.shape[1], width)
+            for mine, theirs in zip(self._cache.layers, cache.layers, strict=True):
+                mine.keys = _stack(mine.keys, theirs.keys, total)
+                mine.values = _stack(mine.values, theirs.values, total)
+            self._attention = torch.cat(
+                [_left_pad(self._attention, total), _left_pad(attention, total)]
+            )
+            self._last_pos = torch.cat([self._last_pos, positions[:, -1]])
+            self._logits = torch.cat([self._logits, logits])
+        self.rows.extend(rows)
+
+    @torch.inference_mode()
+    def step(self) -> list[StepEvent]:
+        """Choose every row's next token, retire finished rows, run one forward pass."""
+        decoder = self.decoder
+        chosen = choose_tokens(self._logits, self.rows, decoder.vocab_limit)
+        events: list[StepEvent] = []
+        keep: list[int] = []
+        for j, (row, token) in enumerate(zip(self.rows, chosen, strict=True)):
+            if token == decoder.eos_id:
+                row.finish = "stop"
+                events.append(StepEvent(row.index, None, "stop"))
+                continue
+            row.tokens.append(token)
+            if len(row.tokens) >= row.budget:
+                row.finish = "length"
+            events.append(StepEvent(row.index, token, row.finish))
+            if row.finish is None:
+                keep.append(j)
+        self._retain(keep)
+        if self.rows:
+            self._forward()
+        return events
+
+    def drop(self, rows: list[_Row]) -> None:
+        """Stop decoding these rows (their callers went away)."""
+        gone = {id(r) for r in rows}
+        self._retain([j for j, r in enumerate(self.rows) if id(r) not in gone])
+
+    def _retain(self, keep: list[int]) -> None:
+        if len(keep) == len(self.rows):
+            return
+        if not keep:
+            self.__init__(self.decoder)  # empty: release the cache
+            return
+        index = torch.tensor(keep, dtype=torch.long)
+        self.rows = [self.rows[j] for j in keep]
+        self._attention = self._attention.index_select(0, index)
+        self._last_pos = self._last_pos.index_select(0, index)
+        self._logits = self._logits.index_select(0, index)
+        # Columns only retired rows attended to would cost every later step: cut them.
+        start = int(self._attention.any(dim=0).nonzero()[0])
+        for layer in self._cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+            layer.values = layer.values.index_select(0, index)[:, :, start:]
+        self._attention = self._attention[:, start:]
+
+    def _forward(self) -> None:
+        next_ids = torch.tensor([[row.tokens[-1]] for row in self.rows], dtype=torch.long)
+        self._attention = torch.cat(
+            [self._attention, self._attention.new_ones((len(self.rows), 1))], dim=-1
+        )
+        self._last_pos = self._last_pos + 1
+        self._logits, self._cache = self.decoder.forward_last(
+            next_ids, self._attention, self._last_pos.unsqueeze(-1), self._cache
+        )
+
+
+GROUP_MIN_TOKENS = 128
+"""Prompt tokens a prefill group holds before it may be cut: below about 100 tokens a forward
+pass is bound by weight reads, so a smaller group costs nearly as much as a bigger one
+(measured, float32 GPT-2 on 2 cores: 33 ms for one 22-token prompt, 67 ms for four)."""
+GROUP_CUT_TOKENS = 16
+"""A group is cut when taking the next prompt would add at least this much padding to it."""
+
+
+def length_groups(rows: list[_Row]) -> list[list[_Row]]:
+    """`rows` sorted by prompt length and cut into prefill groups.
+
+    A left-padded prefill runs every row at its longest prompt's width: 32 prompts of 19 to 31
+    tokens cost 992 token-passes for 800 tokens. Sorted, a group is cut where the next prompt
+    would pad it by `GROUP_CUT_TOKENS` or more, as long as both sides hold `GROUP_MIN_TOKENS`,
+    and always where the padding alone would reach `GROUP_MIN_TOKENS` (a few short prompts
+    arriving with a long one).
+    """
+    ordered = sorted(rows, key=lambda r: len(r.prompt_ids))
+    remaining = sum(len(r.prompt_ids) for r in ordered)
+    groups: list[list[_Row]] = []
+    group: list[_Row] = []
+    tokens = 0
+    for row in ordered:
+        n = len(row.prompt_ids)
+        padding = len(group) * n - tokens  # what taking this row adds to the group
+        big_enough = tokens >= GROUP_MIN_TOKENS and remaining >= GROUP_MIN_TOKENS
+        if padding >= GROUP_CUT_TOKENS and (big_enough or padding >= GROUP_MIN_TOKENS):
+            groups.append(group)
+            group, tokens = [], 0
+        group.append(row)
+        tokens += n
+        remaining -= n
+    if group:
+        groups.append(group)
+    return groups
+
+
+def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Zero-pad the time axis (dim 2 of a KV tensor, dim 1 of a mask) on the left to `width`."""
+    axis = 2 if t.dim() == 4 else 1
+    missing = width - t.shape[axis]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[axis] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=axis)
+
+
+def _stack(old: torch.Tensor, new: torch.Tensor, width: int) -> torch.Tensor:
+    """Stack two batches' KV tensors of one layer, both left-padded to `width` time steps."""
+    return torch.cat([_left_pad(old, width), _left_pad(new, width)])

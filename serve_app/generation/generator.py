@@ -1,0 +1,196 @@
+"""The Generator deployment: multiplexed GPT-2 models, dynamically batched requests.
+
+Models are loaded by id through the registry with `@serve.multiplexed` (LRU per replica).
+`@serve.batch` gathers arrivals and hands them to the `Scheduler`, whose decode thread batches
+at token level (rows join and leave at step boundaries), so the replica's event loop keeps
+answering health checks and taking requests while the model runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+
+from serve_app.config import AppArgs, BatchingConfig
+from serve_app.domain import Generation, GenerationRequest
+from serve_app.errors import ServeError, UnknownModelError
+from serve_app.generation.metrics import GeneratorMetrics
+from serve_app.generation.scheduler import Scheduler
+
+logger = logging.getLogger("ray.serve").getChild(__name__)
+
+
+class ResidentModel:
+    """A loaded model as held by the multiplexer; tells the replica when Ray evicts it."""
+
+    def __init__(self, loaded: Any, on_evict: Any) -> None:
+        from serve_app.generation.engine import BatchDecoder
+
+        self.loaded = loaded
+        self.decoder = BatchDecoder(loaded)
+        self._on_evict = on_evict
+
+    def __del__(self) -> None:  # Ray's multiplexer calls this when it evicts the model
+        callback, self._on_evict = getattr(self, "_on_evict", None), None
+        if callback is not None:
+            callback(self.loaded.info.id)
+
+
+@serve.deployment
+class Generator:
+    def __init__(self, args: AppArgs) -> None:
+        import torch
+
+        from serve_app.generation.threads import ThreadBudget, torch_side_executor
+
+        self.args = args
+        threads = args.generator.torch_threads or os.cpu_count() or 1
+        torch.set_num_threads(threads)
+        # Model loads and stand-in builds run torch on a thread of their own, on one intra-op
+        # thread: a second multi-threaded torch thread in the process throttles OpenMP's
+        # spinning for the decode thread too (threads.one_torch_thread: fp32 steps 50-54 vs
+        # 43-46 ms once the bf16 and int8 models had been loaded on two threads).
+        self._loader = torch_side_executor("model-load")
+        self._standin_dir = Path(args.standin_dir or ".")
+        self.loads: Counter[str] = Counter()
+        self.evictions = 0
+        self.resident: list[str] = []
+        self.metrics = GeneratorMetrics()
+        batching = BatchingConfig()  # until reconfigure() applies the deployment's user_config
+        self._threads = ThreadBudget(threads, batching.single_thread_max_rows)
+        self._scheduler = Scheduler(
+            batching.max_batch_size,
+            observer=self.metrics,
+            admit_min_rows=batching.admit_min_rows,
+            admit_max_wait_s=batching.admit_max_wait_s,
+            threads=self._threads,
+        )
+
+        from serve_app.models.resolve import prepare_model
+
+        for spec in args.models:  # stand-in checkpoints are built once, before serving
+            self._loader.submit(
+                prepare_model, spec, self._standin_dir, args.hub_timeout_s, args.offline
+            ).result()
+
+        # The LRU size is configuration, so the multiplexed loader is created per instance.
+        async def load_model(model_id: str) -> ResidentModel:
+            return await self._load(model_id)
+
+        self._get_model = serve.multiplexed(
+            max_num_models_per_replica=args.generator.max_models_per_replica
+        )(load_model)
+        logger.info("Generator ready: torch threads=%d", threads)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        config = BatchingConfig.model_validate(user_config or {})
+        self._scheduler.max_batch_size = config.max_batch_size
+        self._scheduler.admit_min_rows = config.admit_min_rows
+        self._scheduler.admit_max_wait_s = config.admit_max_wait_s
+        self._threads.single_thread_max_rows = config.single_thread_max_rows
+        self._admit.set_max_batch_size(config.max_batch_size)
+        self._admit.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        logger.info("Generator batching: %s", config)
+
+    async def _load(self, model_id: str) -> ResidentModel:
+        from serve_app.models.loading import load_model
+        from serve_app.models.resolve import resolve_model
+
+        spec = self.args.model(model_id)
+        if spec is None:
+            raise UnknownModelError(f"unknown model {model_id!r}", valid_ids=self.args.model_ids)
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        info = await loop.run_in_executor(
+            None, resolve_model, spec, self._standin_dir, self.args.hub_timeout_s, self.args.offline
+        )
+        loaded = await loop.run_in_executor(self._loader, load_model, spec, info, self._standin_dir)
+        seconds = time.perf_counter() - started
+        self.loads[model_id] += 1
+        self.resident.append(model_id)
+        self.metrics.model_loaded(model_id, seconds)
+        logger.info(
+            "Loaded model %s (%s, %s, %s, %s kernels) in %.2fs",
+            model_id,
+            info.kind,
+            info.revision,
+            spec.dtype,
+            loaded.kernels,
+            seconds,
+        )
+        return ResidentModel(loaded, self._evicted)
+
+    def _evicted(self, model_id: str) -> None:
+        self.evictions += 1
+        self.metrics.model_evicted(model_id)
+        if model_id in self.resident:
+            self.resident.remove(model_id)
+        logger.info("Evicted model %s", model_id)
+
+    async def generate(self, request: GenerationRequest) -> Generation:
+        future = await self._admit(request)
+        return await future
+
+    # Grouping only: the group is handed to the decode loop, which admits it at its next step
+    # boundary, so a group never waits for the previous one; max_concurrent_batches lets groups
+    # for other models proceed while one waits for its model to load.
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0, max_concurrent_batches=4)
+    async def _admit(self, requests: list[GenerationRequest]) -> list[asyncio.Future]:
+        futures: list[asyncio.Future] = [None] * len(requests)  # type: ignore[list-item]
+        by_model: dict[str, list[int]] = {}
+        for i, request in enumerate(requests):
+            by_model.setdefault(request.model, []).append(i)
+        for model_id, indices in by_model.items():
+            try:
+                resident = await self._get_model(model_id)
+            except ServeError as exc:
+                for i in indices:
+                    futures[i] = _failed(exc)
+                continue
+            try:
+                submitted = self._scheduler.submit(resident.decoder, [requests[i] for i in indices])
+            except ServeError as exc:  # the decode loop has stopped
+                submitted = [_failed(exc) for _ in indices]
+            for i, future in zip(indices, submitted, strict=True):
+                futures[i] = future
+        return futures
+
+    async def stats(self) -> dict[str, Any]:
+        return {
+            "replica": serve.get_replica_context().replica_id.unique_id,
+            "resident_models": list(self.resident),
+            "loads": dict(self.loads),
+            "evictions": self.evictions,
+            "max_batch_size": self._scheduler.max_batch_size,
+            "queued": self._scheduler.queued,
+            "active_rows": self._scheduler.active,
+            **self._scheduler.stats.snapshot(),
+        }
+
+    async def health(self) -> dict[str, Any]:
+        status = "ok" if self._scheduler.alive else "unavailable"
+        return {"status": status, "resident_models": list(self.resident)}
+
+    def __del__(self) -> None:
+        # Ray calls this once the replica's requests have finished (graceful shutdown).
+        scheduler = getattr(self, "_scheduler", None)
+        if scheduler is not None:
+            scheduler.stop()
+
+    def check_health(self) -> None:
+        """Ray's replica health check: a replica whose decode loop died is replaced."""
+        if not self._scheduler.alive:
+            raise RuntimeError("the decode loop has stopped")
+
+
+def _failed(exc: BaseException) -> asyncio.Future:
+    future = asyncio.get_running_loop().create_future()
+    future.set_exception(exc)
+    return future

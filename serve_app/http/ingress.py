@@ -1,0 +1,280 @@
+"""The Ingress deployment: FastAPI routes that translate HTTP into calls on the service.
+
+No postponed annotations here: FastAPI must see the real types through Ray's ingress wrapper.
+
+Wire types live in `schemas`, the request logic in `serving`, error mapping in `errors`.
+"""
+
+import asyncio
+import hmac
+import logging
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Header, Path, Query, Response
+from ray import serve
+from ray.exceptions import RayError
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from serve_app.cache.embedded_redis import EmbeddedRedis
+from serve_app.cache.metrics import CacheMetrics
+from serve_app.cache.redis_tier import RedisTier
+from serve_app.cache.tiered import TieredCache
+from serve_app.config import AppArgs, apply_cache_user_config
+from serve_app.domain import Generation, GenerationRequest, Receipt
+from serve_app.errors import (
+    DependencyUnavailableError,
+    ForbiddenError,
+    NotFoundError,
+    UnauthorizedError,
+)
+from serve_app.http.errors import as_serve_error, install_error_handlers
+from serve_app.http.etag import conditional_json
+from serve_app.http.schemas import (
+    CacheInvalidation,
+    ErrorResponse,
+    FeedbackRequest,
+    GenerateRequest,
+    GenerationRecord,
+    HistoryPage,
+    ModelEntry,
+    ModelList,
+)
+from serve_app.http.serving import GenerationService, ModelCatalog
+from serve_app.models.resolve import resolve_model
+from serve_app.storage.group_commit import GroupCommitter
+
+logger = logging.getLogger("ray.serve").getChild(__name__)
+
+api = FastAPI(
+    title="GPT-2 on Ray Serve",
+    description="Multiplexed GPT-2-family text generation with batching, cache and history.",
+    version="0.1.0",
+    responses={code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 422, 503)},
+)
+install_error_handlers(api)
+
+HEALTH_TIMEOUT_S = 2.0
+
+
+async def _call(response: Any, what: str, timeout_s: float | None = None) -> Any:
+    """Await a handle call; infrastructure failures become a 503, meaningful errors pass."""
+    try:
+        if timeout_s is None:
+            return await response
+        return await asyncio.wait_for(response, timeout_s)
+    except asyncio.TimeoutError as exc:
+        raise DependencyUnavailableError(f"{what} did not answer in time") from exc
+    except (RayError, BackPressureError) as exc:
+        known = as_serve_error(exc)
+        if known is not None:
+            raise known from None
+        logger.warning("%s unavailable: %r", what, exc)
+        raise DependencyUnavailableError(f"{what} is unavailable, try again") from exc
+
+
+async def _probe(response: Any) -> Any:
+    """A best-effort read for health and stats: a failure is reported, never raised."""
+    try:
+        return await asyncio.wait_for(response, HEALTH_TIMEOUT_S)
+    except Exception as exc:
+        return {"status": "unavailable", "error": type(exc).__name__}
+
+
+class HandleBackend:
+    """The service's backend, reached through Ray Serve deployment handles."""
+
+    def __init__(
+        self, generator: DeploymentHandle, store: DeploymentHandle, write_timeout_s: float
+    ) -> None:
+        self.generator = generator
+        self.store = store
+        self.write_timeout_s = write_timeout_s
+        # Requests finishing together share one `record` call (a handle call costs more than a
+        # row). Never retried: a call that failed may still have committed.
+        self.recorder: GroupCommitter[Generation, Generation] = GroupCommitter(
+            self._record_call, concurrency=2, isolate_failures=False
+        )
+
+    async def generate(self, request: GenerationRequest) -> Generation:
+        handle = self.generator.options(multiplexed_model_id=request.model)
+        return await _call(handle.generate.remote(request), "generator")
+
+    async def record(self, records: list[Generation]) -> list[Generation]:
+        return await self.recorder.submit(records)
+
+    async def _record_call(self, rows: list[Generation]) -> list[Generation]:
+        # A timed-out write is a 503 even if it commits later: no id is ever answered uncommitted.
+        receipts: list[Receipt] = await _call(
+            self.store.record.remote(rows), "persistence", self.write_timeout_s
+        )
+        if len(receipts) != len(rows):
+            raise DependencyUnavailableError("persistence answered with the wrong number of rows")
+        return [
+            row.replace(id=receipt.id, created_at=receipt.created_at)
+            for row, receipt in zip(rows, receipts, strict=True)
+        ]
+
+
+@serve.deployment
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, args: AppArgs, generator: DeploymentHandle, store: DeploymentHandle) -> None:
+        from pathlib import Path as FsPath
+
+        self.args = args
+        self.generator = generator
+        self.store = store
+        standin_dir = FsPath(args.standin_dir or ".")
+        infos = {
+            spec.id: resolve_model(spec, standin_dir, args.hub_timeout_s, args.offline)
+            for spec in args.models
+        }
+        self.catalog = ModelCatalog(args, infos)
+
+        self.embedded_redis: EmbeddedRedis | None = None
+        redis_url = args.redis_url if args.cache.enabled else None
+        if redis_url is None and args.cache.enabled:
+            self.embedded_redis = EmbeddedRedis()
+            redis_url = self.embedded_redis.start()
+        self.redis_mode = (
+            "disabled" if redis_url is None else "embedded" if self.embedded_redis else "external"
+        )
+        self.cache = TieredCache(args.cache, None)
+        if redis_url is not None:
+            self.cache.l2 = RedisTier(redis_url, args.cache, on_invalidate=self.cache.forget)
+            self.cache.l2.start_listening()
+        # The constructor runs on the replica's event loop, so background tasks can start here.
+        self.metrics = CacheMetrics(self.cache.snapshot)
+        self._metrics_task = asyncio.get_running_loop().create_task(self.metrics.run())
+        self.service = GenerationService(
+            args,
+            self.catalog,
+            self.cache,
+            HandleBackend(generator, store, args.persistence.write_timeout_s),
+        )
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Live cache tunables from the deployment's `user_config` (async: runs on the loop
+        that owns the L1, not in Ray's thread pool)."""
+        self.cache.configure(apply_cache_user_config(self.args.cache, user_config))
+
+    def __del__(self) -> None:
+        if getattr(self, "embedded_redis", None) is not None:
+            self.embedded_redis.stop()
+
+    @api.post("/generate", response_model=list[GenerationRecord])
+    async def generate(
+        self,
+        body: GenerateRequest,
+        header_model: Annotated[str | None, Header(alias="serve_multiplexed_model_id")] = None,
+    ) -> list[GenerationRecord]:
+        model = body.model or header_model or self.args.default_model_id
+        records = await self.service.generate(body.to_requests(model))
+        return [GenerationRecord.from_generation(g) for g in records]
+
+    @api.get("/history", response_model=HistoryPage)
+    async def history(
+        self,
+        limit: Annotated[int, Query(ge=1, le=100)] = 20,
+        cursor: Annotated[str | None, Query(max_length=512)] = None,
+        user_id: Annotated[str | None, Query(max_length=128)] = None,
+        model: Annotated[str | None, Query(max_length=64)] = None,
+        since: Annotated[datetime | None, Query(description="Inclusive; ISO 8601.")] = None,
+        until: Annotated[datetime | None, Query(description="Exclusive; ISO 8601.")] = None,
+        if_none_match: Annotated[str | None, Header()] = None,
+    ) -> Response:
+        items, next_cursor = await _call(
+            self.store.history.remote(limit, cursor, user_id, model, since, until), "persistence"
+        )
+        return conditional_json(HistoryPage.from_generations(items, next_cursor), if_none_match)
+
+    @api.get("/history/{generation_id}", response_model=GenerationRecord)
+    async def history_item(
+        self,
+        generation_id: Annotated[str, Path(max_length=64)],
+        if_none_match: Annotated[str | None, Header()] = None,
+    ) -> Response:
+        stored = await _call(self.store.get.remote(generation_id), "persistence")
+        if stored is None:
+            raise NotFoundError(f"no generation with id {generation_id!r}")
+        return conditional_json(GenerationRecord.from_generation(stored), if_none_match)
+
+    @api.post("/generations/{generation_id}/feedback", response_model=GenerationRecord)
+    async def feedback(
+        self, generation_id: Annotated[str, Path(max_length=64)], body: FeedbackRequest
+    ) -> GenerationRecord:
+        stored = await _call(
+            self.store.set_feedback.remote(generation_id, body.rating, body.comment),
+            "persistence",
+            self.args.persistence.write_timeout_s,
+        )
+        if stored is None:
+            raise NotFoundError(f"no generation with id {generation_id!r}")
+        return GenerationRecord.from_generation(stored)
+
+    @api.get("/models", response_model=ModelList)
+    async def models(self) -> ModelList:
+        default = self.args.default_model_id
+        entries = []
+        for spec in self.args.models:
+            info = self.catalog.info(spec.id).to_public()
+            entries.append(ModelEntry(**info, default=spec.id == default))
+        return ModelList(default=default, models=entries)
+
+    @api.get("/livez")
+    async def livez(self) -> dict[str, str]:
+        """This replica answers HTTP: no Redis, no downstream call. The floor of any request's
+        cost through Ray Serve, and the baseline of the cache benchmark."""
+        return {"status": "ok"}
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        redis, database, generator = await asyncio.gather(
+            self.cache.health(),
+            _probe(self.store.health.remote()),
+            _probe(self.generator.health.remote()),
+        )
+        redis["mode"] = self.redis_mode
+        parts = {"redis": redis, "database": database, "generator": generator}
+        healthy = all(p.get("status") in ("ok", "disabled") for p in parts.values())
+        return {"status": "ok" if healthy else "degraded", **parts}
+
+    @api.get("/stats")
+    async def stats(self) -> dict[str, Any]:
+        generator, records, persistence = await asyncio.gather(
+            _probe(self.generator.stats.remote()),
+            _probe(self.store.count.remote()),
+            _probe(self.store.stats.remote()),
+        )
+        snapshot = self.service.stats()
+        snapshot["records_total"] = records
+        snapshot["generator"] = generator
+        snapshot["persistence"] = persistence
+        return snapshot
+
+    @api.delete("/cache", response_model=CacheInvalidation)
+    async def invalidate_cache(
+        self,
+        model: Annotated[str | None, Query(max_length=64)] = None,
+        authorization: Annotated[str | None, Header()] = None,
+    ) -> CacheInvalidation:
+        """Drop cached answers (all, or one model's) from Redis and from every replica's L1."""
+        self._authorize_admin(authorization)
+        if model is not None:
+            model = self.catalog.spec(model).id  # 404 with the valid ids for a typo
+        deleted = await self.cache.invalidate(model)
+        logger.info("cache invalidated (model=%s): %s", model or "all", deleted)
+        return CacheInvalidation(model=model, deleted_l1=deleted["l1"], deleted_l2=deleted["l2"])
+
+    def _authorize_admin(self, authorization: str | None) -> None:
+        token = self.args.cache.admin_token
+        if token is None:
+            raise ForbiddenError(
+                "DELETE /cache is disabled; set cache.admin_token (or env CACHE_ADMIN_TOKEN)"
+            )
+        scheme, _, given = (authorization or "").partition(" ")
+        expected = token.get_secret_value().encode()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+            raise UnauthorizedError("DELETE /cache needs 'Authorization: Bearer <admin token>'")

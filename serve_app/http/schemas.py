@@ -1,0 +1,172 @@
+"""HTTP wire types, and the one place that maps them to and from the domain types
+(`GenerationRequest` in, `Generation` out). Nothing here knows about Ray, Redis or the database.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from serve_app import domain
+
+MAX_PROMPT_CHARS = 20_000
+MAX_FEEDBACK_COMMENT_CHARS = 2_000
+
+
+def iso_z(value: datetime) -> str:
+    """How the API shows a timestamp: ISO 8601 in UTC, microseconds, a `Z` suffix."""
+    return value.astimezone(timezone.utc).replace(tzinfo=None).isoformat("T", "microseconds") + "Z"
+
+
+class GenerateRequest(BaseModel):
+    """Body of `POST /generate` (the classic FastAPI GPT-2 recipe, extended)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: list[str] = Field(min_length=1, max_length=10, description="1-10 prompts.")
+    max_length: int | None = Field(
+        default=None, ge=1, le=4096, description="Total tokens (prompt + new), as in transformers."
+    )
+    max_new_tokens: int | None = Field(
+        default=None, ge=1, le=256, description="New tokens per prompt; wins over max_length."
+    )
+    model: str | None = Field(default=None, description="Model id; default model if omitted.")
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="0 means greedy.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    user_id: str | None = Field(default=None, min_length=1, max_length=128)
+    cache: bool = Field(
+        default=True, description="False: neither read nor write the cache; always generate."
+    )
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts_have_text(cls, prompts: list[str]) -> list[str]:
+        for i, prompt in enumerate(prompts):
+            if not prompt.strip():
+                raise ValueError(f"prompts[{i}] is empty")
+            if len(prompt) > MAX_PROMPT_CHARS:
+                raise ValueError(f"prompts[{i}] is longer than {MAX_PROMPT_CHARS} characters")
+        return prompts
+
+    def to_requests(self, model: str) -> list[domain.GenerationRequest]:
+        """One validated request per prompt, for `model` (the body's, the header's or the
+        default: the route decides)."""
+        params = domain.SamplingParams(
+            max_new_tokens=self.max_new_tokens,
+            max_length=self.max_length,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+        ).normalized()
+        return [
+            domain.GenerationRequest(model, prompt, params, self.user_id, self.cache)
+            for prompt in self.prompts
+        ]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Feedback(BaseModel):
+    rating: int
+    comment: str | None = None
+    created_at: str = Field(description="When the feedback was given, ISO 8601, UTC.")
+
+
+class FeedbackRequest(BaseModel):
+    """Body of `POST /generations/{id}/feedback`; new feedback replaces earlier feedback."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rating: int = Field(ge=1, le=5, strict=True, description="1 (bad) to 5 (good); a JSON integer.")
+    comment: str | None = Field(default=None, max_length=MAX_FEEDBACK_COMMENT_CHARS)
+
+
+class GenerationRecord(BaseModel):
+    id: str
+    prompt: str
+    generated_text: str = Field(description="Prompt followed by the generated continuation.")
+    completion: str = Field(description="The generated continuation alone.")
+    model_name: str
+    created_at: str = Field(description="ISO 8601, UTC.")
+    cached: bool
+    user_id: str | None = None
+    usage: Usage
+    feedback: Feedback | None = None
+
+    @classmethod
+    def from_generation(cls, g: domain.Generation) -> GenerationRecord:
+        if g.id is None or g.created_at is None:
+            raise ValueError("only a stored generation has a wire record")
+        feedback = None
+        if g.feedback is not None:
+            feedback = Feedback(
+                rating=g.feedback.rating,
+                comment=g.feedback.comment,
+                created_at=iso_z(g.feedback.created_at),
+            )
+        return cls(
+            id=g.id,
+            prompt=g.prompt,
+            generated_text=g.generated_text,
+            completion=g.completion,
+            model_name=g.model,
+            created_at=iso_z(g.created_at),
+            cached=g.cached,
+            user_id=g.user_id,
+            usage=Usage(prompt_tokens=g.prompt_tokens, completion_tokens=g.completion_tokens),
+            feedback=feedback,
+        )
+
+
+class HistoryPage(BaseModel):
+    items: list[GenerationRecord]
+    next_cursor: str | None
+
+    @classmethod
+    def from_generations(
+        cls, items: list[domain.Generation], next_cursor: str | None
+    ) -> HistoryPage:
+        return cls(
+            items=[GenerationRecord.from_generation(g) for g in items], next_cursor=next_cursor
+        )
+
+
+class ModelEntry(BaseModel):
+    id: str
+    source: str | None
+    kind: str = Field(description="hub, local or standin")
+    real_weights: bool
+    revision: str
+    architecture: str
+    dtype: str
+    default: bool
+    warning: str | None = None
+
+
+class ModelList(BaseModel):
+    default: str
+    models: list[ModelEntry]
+
+
+class ErrorBody(BaseModel):
+    type: str = Field(description="Stable machine-readable kind, e.g. `validation_error`.")
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error answer (documented on every route)."""
+
+    error: ErrorBody
+
+
+class CacheInvalidation(BaseModel):
+    """Answer of `DELETE /cache`: what was removed from each tier of this replica."""
+
+    model: str | None = Field(description="The model whose entries went; null: all of them.")
+    deleted_l1: int
+    deleted_l2: int

@@ -1,0 +1,171 @@
+"""What the ingress does for a request, without HTTP and without Ray: check content, answer
+from cache where allowed (each prompt on its own), generate the rest, record every answered
+prompt, count.
+
+The generator and the store are reached through the small `Backend` protocol, so this module
+needs no Ray import; the integration tests exercise it through the real deployments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from serve_app.cache.keys import cache_key
+from serve_app.cache.tiered import Served, Source, TieredCache
+from serve_app.config import AppArgs, ModelSpec
+from serve_app.domain import Generation, GenerationRequest
+from serve_app.errors import ForbiddenContentError, InvalidRequestError, UnknownModelError
+
+if TYPE_CHECKING:
+    from serve_app.models.resolve import ModelInfo
+
+
+class Backend(Protocol):
+    async def generate(self, request: GenerationRequest) -> Generation: ...
+
+    async def record(self, records: list[Generation]) -> list[Generation]: ...
+
+
+@dataclass
+class Counters:
+    requests: int = 0
+    prompts: int = 0
+    generations: int = 0
+    uncacheable: int = 0
+    bypassed: int = 0
+    started_at: float = field(default_factory=time.time)
+
+
+class ForbiddenWords:
+    """Whole-word, case-insensitive match: 'hate' is refused, 'whatever' is not."""
+
+    def __init__(self, words: Sequence[str]) -> None:
+        cleaned = [re.escape(w.strip()) for w in words if w.strip()]
+        self.pattern = (
+            re.compile(r"\b(" + "|".join(cleaned) + r")\b", re.IGNORECASE) if cleaned else None
+        )
+
+    def check(self, prompts: Sequence[str]) -> None:
+        if self.pattern is None:
+            return
+        for i, prompt in enumerate(prompts):
+            found = self.pattern.search(prompt)
+            if found:
+                raise ForbiddenContentError(
+                    f"prompts[{i}] contains a forbidden word: {found.group(0).lower()!r}"
+                )
+
+
+class ModelCatalog:
+    """The configured models, what each resolves to (hub, local copy or stand-in), and the
+    revision the generators actually serve, which cache keys use.
+
+    The ingress resolves each model once at start-up, but a generator replica resolves on its
+    own (later, perhaps after the hub came back or a local checkpoint was replaced). Every
+    generation reports the revision that made it; when that differs from the one known here,
+    the catalog follows the generators, so keys name the weights that are really served.
+    """
+
+    def __init__(self, args: AppArgs, infos: dict[str, ModelInfo]) -> None:
+        self.args = args
+        self.infos = infos
+        self._served: dict[str, str] = {}
+
+    def spec(self, model_id: str | None) -> ModelSpec:
+        model_id = model_id or self.args.default_model_id
+        spec = self.args.model(model_id)
+        if spec is None:
+            raise UnknownModelError(
+                f"unknown model {model_id!r}; valid ids: {', '.join(self.args.model_ids)}",
+                valid_ids=self.args.model_ids,
+            )
+        return spec
+
+    def info(self, model_id: str) -> ModelInfo:
+        return self.infos[model_id]
+
+    def revision(self, model_id: str) -> str:
+        """The revision cache keys use for `model_id`: the last one a generator served."""
+        return self._served.get(model_id) or self.infos[model_id].revision
+
+    def served(self, model_id: str, revision: str) -> None:
+        self._served[model_id] = revision
+
+
+class GenerationService:
+    def __init__(
+        self,
+        args: AppArgs,
+        catalog: ModelCatalog,
+        cache: TieredCache,
+        backend: Backend,
+    ) -> None:
+        self.args = args
+        self.catalog = catalog
+        self.cache = cache
+        self.backend = backend
+        self.forbidden = ForbiddenWords(args.forbidden_words)
+        self.counters = Counters()
+
+    async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+        """Answer every request (the prompts of one HTTP call: one model, one set of settings)
+        and return the records once they are stored."""
+        self.counters.requests += 1
+        models = {r.model for r in requests}
+        if len(models) != 1:
+            raise InvalidRequestError("all prompts of a request go to one model")
+        model = self.catalog.spec(models.pop()).id
+        self.forbidden.check([r.prompt for r in requests])
+        started = time.perf_counter()
+        self.counters.prompts += len(requests)
+
+        async def run(i: int) -> Generation:
+            result = await self.backend.generate(requests[i])
+            self.counters.generations += 1
+            self.catalog.served(model, result.model_revision)
+            return result
+
+        served: list[Served]
+        if self.cache.enabled and all(r.cacheable for r in requests):
+            revision = self.catalog.revision(model)
+            keys = [cache_key(self.args.cache.prefix, r, revision) for r in requests]
+            # Fresh answers are cached as soon as they exist, so identical requests waiting
+            # on this one (here or on another replica) are released before recording. An
+            # answer from other weights than the key names is returned but not cached.
+            served = await self.cache.fetch(
+                keys, run, storable=lambda g: g.model_revision == revision
+            )
+        else:
+            if not all(r.use_cache for r in requests):
+                self.counters.bypassed += len(requests)
+            elif self.cache.enabled:
+                self.counters.uncacheable += len(requests)
+            fresh = await asyncio.gather(*(run(i) for i in range(len(requests))))
+            served = [Served(value, Source.GENERATED) for value in fresh]
+
+        latency_ms = (time.perf_counter() - started) * 1000
+        records = [
+            answer.value.replace(user_id=r.user_id, cached=answer.cached, latency_ms=latency_ms)
+            for r, answer in zip(requests, served, strict=True)
+        ]
+        # Durable, then answered: a client never sees an id that is not stored.
+        return await self.backend.record(records)
+
+    def stats(self) -> dict[str, object]:
+        c = self.counters
+        return {
+            "requests": c.requests,
+            "prompts": c.prompts,
+            "generations": c.generations,
+            "cache": {
+                **self.cache.snapshot(),
+                "uncacheable": c.uncacheable,
+                "bypassed": c.bypassed,
+            },
+            "uptime_s": round(time.time() - c.started_at, 1),
+        }

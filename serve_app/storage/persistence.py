@@ -1,0 +1,155 @@
+"""The Persistence deployment: the system of record for every answered generation.
+
+`record()` returns only after the transaction holding the caller's rows has committed, and the
+ingress answers only after `record()` returns, so a client never holds an id that is not stored.
+Concurrent callers share transactions through `GroupCommitter`: one fsync per group, not per row.
+It answers with receipts (id, created_at), not the rows: the caller has those already.
+
+The schema is migrated to the newest Alembic revision when the replica starts. With
+`retention_days` set, the replica deletes older records every `purge_interval_s`.
+
+Run one replica on SQLite (one writer per file); PostgreSQL can take more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from ray import serve
+from sqlalchemy.exc import DBAPIError
+
+from serve_app.config import PersistenceOptions, PersistenceTuning
+from serve_app.domain import Generation, Receipt
+from serve_app.errors import DependencyUnavailableError
+from serve_app.storage.group_commit import GroupCommitter
+from serve_app.storage.store import Store
+
+logger = logging.getLogger("ray.serve").getChild(__name__)
+
+
+@asynccontextmanager
+async def _database_errors(action: str) -> AsyncIterator[None]:
+    """A failing database is the caller's 503, with the reason in the replica's log only."""
+    try:
+        yield
+    except (DBAPIError, OSError) as exc:
+        logger.warning("database error while %s: %r", action, exc)
+        raise DependencyUnavailableError(f"the database failed while {action}") from None
+
+
+@serve.deployment
+class Persistence:
+    async def __init__(self, database_url: str, options: PersistenceOptions | None = None) -> None:
+        self.options = options or PersistenceOptions()
+        self.store = Store(database_url)
+        tuning = PersistenceTuning()
+        self.committer: GroupCommitter[Generation, Generation] = GroupCommitter(
+            self._insert, max_rows=tuning.max_rows_per_commit, group=tuning.group_commit
+        )
+        self._started = asyncio.Lock()
+        self._ready = False
+        self.purged = 0
+        try:
+            await self._store()  # migrate now; if the database is down, the first call retries
+        except Exception as exc:
+            logger.warning("database not ready at start-up, will retry on use: %r", exc)
+        self._retention: asyncio.Task[None] | None = None
+        if self.options.retention_days is not None:
+            self._retention = asyncio.get_running_loop().create_task(self._retention_loop())
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        tuning = PersistenceTuning.model_validate(user_config)
+        self.committer.configure(tuning.max_rows_per_commit, tuning.group_commit)
+
+    async def _store(self) -> Store:
+        if not self._ready:
+            async with self._started:
+                if not self._ready:
+                    async with _database_errors("migrating the schema"):
+                        await self.store.start()
+                    logger.info("database schema at revision %s", self.store.schema_revision)
+                    self._ready = True
+        return self.store
+
+    async def _insert(self, rows: list[Generation]) -> list[Generation]:
+        store = await self._store()
+        async with _database_errors("storing records"):
+            return await store.insert_many(rows)
+
+    async def record(self, rows: list[Generation]) -> list[Receipt]:
+        """Store `rows`; returns one receipt per row, in order, once they have committed."""
+        return [Receipt(g.id, g.created_at) for g in await self.committer.submit(rows)]
+
+    async def get(self, generation_id: str) -> Generation | None:
+        store = await self._store()
+        async with _database_errors("reading a record"):
+            return await store.get(generation_id)
+
+    async def history(
+        self,
+        limit: int,
+        cursor: str | None = None,
+        user_id: str | None = None,
+        model: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> tuple[list[Generation], str | None]:
+        store = await self._store()
+        async with _database_errors("reading history"):
+            return await store.history(limit, cursor, user_id, model, since, until)
+
+    async def set_feedback(
+        self, generation_id: str, rating: int, comment: str | None
+    ) -> Generation | None:
+        store = await self._store()
+        async with _database_errors("storing feedback"):
+            return await store.set_feedback(generation_id, rating, comment)
+
+    async def purge(self, older_than: datetime) -> int:
+        store = await self._store()
+        async with _database_errors("purging old records"):
+            deleted = await store.purge(older_than)
+        self.purged += deleted
+        return deleted
+
+    async def _retention_loop(self) -> None:
+        max_age = timedelta(days=self.options.retention_days or 0)
+        while True:
+            try:
+                deleted = await self.purge(datetime.now(timezone.utc) - max_age)
+                if deleted:
+                    logger.info("retention: deleted %d records older than %s", deleted, max_age)
+            except Exception as exc:
+                logger.warning(
+                    "retention purge failed, next try in %ss: %r",
+                    self.options.purge_interval_s,
+                    exc,
+                )
+            await asyncio.sleep(self.options.purge_interval_s)
+
+    async def count(self) -> int:
+        store = await self._store()
+        async with _database_errors("counting records"):
+            return await store.count()
+
+    async def stats(self) -> dict[str, Any]:
+        return {
+            **self.committer.stats(),
+            "purged": self.purged,
+            "retention_days": self.options.retention_days,
+        }
+
+    async def health(self) -> dict[str, Any]:
+        store = await self._store()
+        async with _database_errors("checking health"):
+            await store.ping()
+        return {
+            "status": "ok",
+            "backend": store.engine.dialect.name,
+            "schema_revision": store.schema_revision,
+        }

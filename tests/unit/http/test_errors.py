@@ -1,0 +1,44 @@
+"""The one error mapper: every failure a route raises leaves as JSON with X-Response-Time."""
+
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from serve_app.errors import PromptTooLongError
+from serve_app.http.errors import install_error_handlers
+
+
+class WrappedError(Exception):
+    """Stands for how Ray re-raises a replica's exception: the original is on `.cause`."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def make_client() -> TestClient:
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("secret path /etc/passwd")
+
+    @app.get("/wrapped")
+    async def wrapped() -> None:
+        raise WrappedError(PromptTooLongError("too long", limit=512))
+
+    return TestClient(app, raise_server_exceptions=False)
+
+
+def test_unexpected_error_is_a_json_500_without_internals():
+    r = make_client().get("/boom")
+    assert r.status_code == 500
+    assert r.json() == {"error": {"type": "internal_error", "message": "internal server error"}}
+    assert "x-response-time" in r.headers
+
+
+def test_wrapped_serve_error_keeps_its_status_and_details():
+    r = make_client().get("/wrapped")
+    assert r.status_code == 413
+    assert r.json()["error"] == {"type": "prompt_too_long", "message": "too long", "limit": 512}
+    assert "x-response-time" in r.headers
