@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -96,6 +97,10 @@ class GenerationRecord(BaseModel):
     cached: bool
     user_id: str | None = None
     usage: Usage
+    finish_reason: Literal["length", "stop"] | None = Field(
+        description="`length`: the token budget was reached; `stop`: the model ended the text. "
+        "Null for records stored before it was recorded."
+    )
     feedback: Feedback | None = None
 
     @classmethod
@@ -119,6 +124,7 @@ class GenerationRecord(BaseModel):
             cached=g.cached,
             user_id=g.user_id,
             usage=Usage(prompt_tokens=g.prompt_tokens, completion_tokens=g.completion_tokens),
+            finish_reason=g.finish_reason,
             feedback=feedback,
         )
 

@@ -48,6 +48,7 @@ def test_one_prompt(client):
     assert rec["cached"] is False
     assert 1 <= rec["usage"]["completion_tokens"] <= 8
     assert rec["usage"]["prompt_tokens"] > 0
+    assert rec["finish_reason"] == ("length" if rec["usage"]["completion_tokens"] == 8 else "stop")
     assert datetime.fromisoformat(rec["created_at"].replace("Z", "+00:00")).tzinfo is not None
 
 
@@ -148,8 +149,8 @@ def test_records_are_in_the_sqlite_file(client, tiny_app):
     (rec,) = generate(client, prompts=[prompt], user_id=user, max_new_tokens=3)
     with sqlite3.connect(tiny_app.db_path) as db:
         row = db.execute(
-            "SELECT prompt, generated_text, model_name, user_id, cached, completion_tokens "
-            "FROM generations WHERE id = ?",
+            "SELECT prompt, generated_text, model_name, user_id, cached, completion_tokens, "
+            "finish_reason FROM generations WHERE id = ?",
             (rec["id"],),
         ).fetchone()
         mode = db.execute("PRAGMA journal_mode").fetchone()[0]
@@ -160,7 +161,12 @@ def test_records_are_in_the_sqlite_file(client, tiny_app):
         user,
         0,
         rec["usage"]["completion_tokens"],
+        rec["finish_reason"],
     )
+    assert rec["finish_reason"] in ("length", "stop")
+    assert client.get(f"/history/{rec['id']}").json()["finish_reason"] == rec["finish_reason"]
+    page = client.get("/history", params={"user_id": user}).json()
+    assert [item["finish_reason"] for item in page["items"]] == [rec["finish_reason"]]
     assert mode == "wal"
 
 

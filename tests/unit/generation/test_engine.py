@@ -47,6 +47,16 @@ def test_budget_max_new_tokens_and_max_length(decoder):
     assert r.completion_tokens <= 3
 
 
+def test_end_of_text_finishes_with_stop_and_the_budget_with_length(decoder, monkeypatch):
+    first = lone(decoder, req(max_new_tokens=1))
+    assert (first.finish_reason, first.completion_tokens) == ("length", 1)
+    rows, _ = decoder.prepare([req(max_new_tokens=1)])
+    prefill(decoder, rows).step()
+    monkeypatch.setattr(decoder, "eos_id", rows[0].tokens[0])  # the next token ends the text
+    stopped = lone(decoder, req(max_new_tokens=5))
+    assert (stopped.finish_reason, stopped.completion_tokens, stopped.completion) == ("stop", 0, "")
+
+
 def test_batch_with_mixed_parameters_equals_lone_requests(decoder):
     batch = [
         req("Hello there", max_new_tokens=12),

@@ -18,4 +18,5 @@ def make_row(i: int, user_id: str | None = None, model: str = "gpt2") -> Generat
         user_id=user_id,
         cached=i % 2 == 0,
         latency_ms=12.5 + i,
+        finish_reason=None,
     )

@@ -311,6 +311,7 @@ async def test_a_database_from_before_migrations_keeps_its_rows(store_url: str) 
         Path(make_url(store_url).database or "").parent.mkdir(parents=True, exist_ok=True)
     engine = create_async_engine(store_url)
     legacy = to_values(_row(1), new_id(), datetime(2024, 1, 2, 3, 4, 5))
+    del legacy["finish_reason"]  # a column of a later revision
 
     def make_legacy(conn):
         command.upgrade(alembic_config(conn), BASELINE)
@@ -329,6 +330,7 @@ async def test_a_database_from_before_migrations_keeps_its_rows(store_url: str) 
         assert store.schema_revision == head_revision() != BASELINE
         got = await store.get(legacy["id"])
         assert got is not None and _as_new(got) == _row(1) and got.feedback is None
+        assert got.finish_reason is None  # not recorded before revision 0004
         assert await store.set_feedback(legacy["id"], 4) is not None  # the new column works
     finally:
         await store.close()
@@ -349,6 +351,17 @@ async def test_since_and_until_bound_the_history(store: Store) -> None:
     assert items == []
     with pytest.raises(InvalidRequestError):
         await store.history(10, since=until, until=since)
+
+
+async def test_finish_reason_is_stored_and_read_back(store: Store) -> None:
+    stopped, cut = await store.insert_many(
+        [_row(1).replace(finish_reason="stop"), _row(2).replace(finish_reason="length")]
+    )
+    assert (await store.get(stopped.id)).finish_reason == "stop"
+    assert (await store.get(cut.id)).finish_reason == "length"
+    items, _ = await store.history(10)
+    assert {g.id: g.finish_reason for g in items} == {stopped.id: "stop", cut.id: "length"}
+    assert GenerationRecord.from_generation(items[0]).finish_reason == "length"
 
 
 async def test_feedback_is_stored_replaced_and_visible(store: Store) -> None:
