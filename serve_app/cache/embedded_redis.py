@@ -111,12 +111,6 @@ class EmbeddedRedis:
         except OSError:
             return False
 
-    def restart(self) -> str:
-        """Stop and start again on the same port (an empty cache: nothing is kept on disk)."""
-        port = self.port
-        self.stop()
-        return self.start(port=port)
-
     def stop(self) -> None:
         proc, self.process = self.process, None
         if proc is None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,6 @@ class LoadedModel:
     vocab_limit: int
     """Ids >= this are never sampled: min(embedding rows, tokenizer size)."""
     n_positions: int
-    load_seconds: float
     kernels: str = "stock"
     """`onednn` when the linear layers run pre-packed oneDNN matmuls (`generation.kernels`)."""
 
@@ -50,7 +48,6 @@ def load_model(spec: ModelSpec, info: ModelInfo, standin_dir: Path) -> LoadedMod
     `info.revision`, and stand-in text must never be cached under a real model's revision.
     The failed resolution is forgotten, so the next `resolve_model` looks at the source again
     (and falls back to the stand-in then, if it is still unavailable and allowed)."""
-    started = time.perf_counter()
     if info.kind == "standin":
         model, tokenizer = _load_standin(spec, standin_dir)
     else:
@@ -94,7 +91,6 @@ def load_model(spec: ModelSpec, info: ModelInfo, standin_dir: Path) -> LoadedMod
         eos_token_id=int(eos_token_id),
         vocab_limit=min(model.config.vocab_size, len(tokenizer)),
         n_positions=int(model.config.n_positions),
-        load_seconds=time.perf_counter() - started,
         kernels=kernels,
     )
 

@@ -326,7 +326,6 @@ def test_loaded_standin_is_ready_for_inference(standin_root):
     assert not any(p.requires_grad for p in loaded.model.parameters())
     assert loaded.eos_token_id == loaded.tokenizer.eos_token_id == loaded.tokenizer.pad_token_id
     assert loaded.vocab_limit == 4096 and loaded.n_positions == 512
-    assert loaded.load_seconds > 0
     ids = loaded.tokenizer.encode("The quick brown fox, again and again.")
     assert max(ids) < loaded.vocab_limit
     assert loaded.tokenizer.decode(ids) == "The quick brown fox, again and again."
