@@ -118,7 +118,7 @@ class BatchingConfig(_Strict):
         le=256,
         description="Decode steps over at most this many rows run on one torch thread, leaving "
         "a core to the request path; prefills and larger steps use every thread. 0: every step "
-        "uses every thread. Which wins depends on the machine: see the README's tuning table.",
+        "uses every thread. Which wins depends on the machine: measure with `make bench`.",
     )
 
 

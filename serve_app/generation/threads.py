@@ -44,7 +44,7 @@ class ThreadBudget:
     small steps leaves a core to the request path, and a step on one thread does not stall at
     barriers when the other core is taken. It paid on one 2-core machine (8 users: 230 vs 142
     tok/s) and cost on another (1 user: step 41-43 vs 37-38 ms, 4 users 77 vs 83 tok/s, 8 users
-    equal; docs/benchmarks.md), so it is a setting, not a rule. Call only from the thread that
+    equal), so it is a setting, not a rule. Call only from the thread that
     runs the forward passes.
     """
 
