@@ -17,6 +17,10 @@ from datetime import datetime
 from typing import Any, Literal
 
 DEFAULT_MAX_NEW_TOKENS = 50
+GREEDY_BELOW = 1e-5
+"""Temperatures below this decode greedily: dividing logits by less overflows to inf and NaN
+probabilities (a temperature of 1.25e-239 made the sampler fail), and the distribution is a
+point mass there anyway. vLLM uses the same bound."""
 FinishReason = Literal["length", "stop"]
 
 
@@ -32,7 +36,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def deterministic(self) -> bool:

@@ -5,7 +5,7 @@ Writer tasks drain a queue. While a write is in flight, new calls wait in the qu
 finishes, the next write takes every call that is waiting (up to `max_rows`). A lone call is
 written at once, with no batching delay; under load a group is as large as the load makes it.
 This replaced `@serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)`, which closes a
-group after a fixed wait and size: a lone call paid the wait and a group under load stopped at 64 rows.
+group after a fixed wait and size: a lone call paid the wait, a group under load stopped at 64.
 
 It is used twice on the path of a record:
 - in the Persistence replica, one writer, `write` = one database transaction;

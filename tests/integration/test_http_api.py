@@ -275,3 +275,13 @@ def test_concurrent_requests_are_batched(client):
     assert admitted == 32
     assert 1 < after["max_rows_per_step"] <= 8  # configs/tiny.yaml: max_batch_size 8
     assert steps < tokens  # requests shared forward passes
+
+
+def test_a_vanishing_temperature_decodes_greedily(client):
+    """Numeric edge cases are input, not an outage: 1.25e-239 once failed the sampler (500)."""
+    prompt = unique("tiny temperature")
+    (greedy,) = generate(client, prompts=[prompt], max_new_tokens=6, cache=False)
+    (tiny,) = generate(
+        client, prompts=[prompt], max_new_tokens=6, temperature=1.25e-239, cache=False
+    )
+    assert tiny["completion"] == greedy["completion"]

@@ -23,3 +23,11 @@ class TestSamplingParams:
         assert SamplingParams().deterministic
         assert SamplingParams(temperature=0.7, seed=1).deterministic
         assert not SamplingParams(temperature=0.7).deterministic
+
+    def test_a_vanishing_temperature_is_greedy(self):
+        for tiny in (1.25e-239, 5e-324, 9e-6):
+            assert SamplingParams(temperature=tiny).greedy
+            assert SamplingParams(temperature=tiny, seed=3).normalized() == SamplingParams(
+                max_new_tokens=50
+            )
+        assert not SamplingParams(temperature=1e-5).greedy
