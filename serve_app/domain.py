@@ -12,6 +12,8 @@ they pickle cheaply across a DeploymentHandle.
 from __future__ import annotations
 
 import dataclasses
+import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -21,7 +23,9 @@ GREEDY_BELOW = 1e-5
 """Temperatures below this decode greedily: dividing logits by less overflows to inf and NaN
 probabilities (a temperature of 1.25e-239 made the sampler fail), and the distribution is a
 point mass there anyway. vLLM uses the same bound."""
-FinishReason = Literal["length", "stop"]
+FinishReason = Literal["length", "stop", "cancelled"]
+"""`length`: the token budget ran out; `stop`: end-of-text or a stop string; `cancelled`: the
+client went away while the text streamed."""
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,9 @@ class SamplingParams:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    stop: tuple[str, ...] = ()
+    """Strings that end the text where they first appear (not included), matched on the
+    decoded text across token boundaries."""
 
     @property
     def greedy(self) -> bool:
@@ -50,9 +57,10 @@ class SamplingParams:
             max_new = DEFAULT_MAX_NEW_TOKENS
         if max_new is not None:
             max_len = None
+        stop = tuple(dict.fromkeys(s for s in self.stop if s))
         if self.greedy:
-            return SamplingParams(max_new_tokens=max_new, max_length=max_len)
-        return SamplingParams(max_new, max_len, self.temperature, self.top_p, self.seed)
+            return SamplingParams(max_new_tokens=max_new, max_length=max_len, stop=stop)
+        return SamplingParams(max_new, max_len, self.temperature, self.top_p, self.seed, stop)
 
     def budget(self, prompt_tokens: int) -> int:
         """Number of new tokens to generate for a prompt of this many tokens."""
@@ -64,7 +72,7 @@ class SamplingParams:
 
     def as_dict(self) -> dict[str, Any]:
         """The settings that are set, as stored with each record."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        return {k: v for k, v in dataclasses.asdict(self).items() if v not in (None, ())}
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,7 @@ class GenerationRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     user_id: str | None = None
     use_cache: bool = True  # False: neither read nor write the cache, always generate
+    stream: bool = False  # the generator reports the text as it is decoded
 
     @property
     def cacheable(self) -> bool:
@@ -104,8 +113,10 @@ class Generation:
     params: dict[str, Any] = field(default_factory=dict)
     user_id: str | None = None
     cached: bool = False
-    latency_ms: float = 0.0
-    id: str | None = None  # assigned by persistence when the row commits
+    latency_ms: float = 0.0  # the request's whole time at the ingress
+    ttft_ms: float | None = None  # time to the first streamed text; None when not streamed
+    messages: list[dict[str, str]] | None = None  # the chat that `prompt` renders
+    id: str | None = None  # chosen by the ingress or by persistence; final once committed
     created_at: datetime | None = None  # aware, UTC; assigned with the id
     feedback: Feedback | None = None
 
@@ -128,9 +139,21 @@ class Receipt:
 
 
 @dataclass(frozen=True)
-class StepEvent:
-    """One token produced for row `index` of the batch (`token_id` None when it finished on EOS)."""
+class TextDelta:
+    """Text a streaming generation decoded since the last delta (whole characters only), and
+    the tokens it has produced so far. The stream ends with the `Generation` itself."""
 
-    index: int
-    token_id: int | None
-    finished: FinishReason | None = None
+    text: str
+    completion_tokens: int
+
+
+def new_id() -> str:
+    """A UUIDv7 (RFC 9562) string: 48-bit Unix ms, then random bits, so ids sort by time."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(uuid.uuid4().bytes, "big")  # 122 random bits; we keep 74
+    value = (ms & ((1 << 48) - 1)) << 80
+    value |= 0x7 << 76  # version
+    value |= ((rand >> 62) & 0xFFF) << 64  # rand_a, 12 bits
+    value |= 0b10 << 62  # variant
+    value |= rand & ((1 << 62) - 1)  # rand_b, 62 bits
+    return str(uuid.UUID(int=value))

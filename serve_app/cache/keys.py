@@ -23,7 +23,9 @@ from serve_app.domain import Generation, GenerationRequest
 KEY_VERSION = 3  # 3: values are JSON objects of the Generation record
 
 # Fields of a `Generation` that describe one request's answer, not the cached text.
-_PER_REQUEST = frozenset({"id", "created_at", "feedback", "user_id", "cached", "latency_ms"})
+_PER_REQUEST = frozenset(
+    {"id", "created_at", "feedback", "user_id", "cached", "latency_ms", "ttft_ms", "messages"}
+)
 _CACHED_FIELDS = frozenset(f.name for f in dataclasses.fields(Generation)) - _PER_REQUEST
 
 

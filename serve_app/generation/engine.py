@@ -20,13 +20,14 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import DynamicCache
 
-from serve_app.domain import FinishReason, Generation, GenerationRequest, SamplingParams, StepEvent
+from serve_app.domain import FinishReason, Generation, GenerationRequest, SamplingParams
 from serve_app.errors import (
     GenerationFailedError,
     InvalidRequestError,
     PromptTooLongError,
     ServeError,
 )
+from serve_app.generation.detokenize import TextTracker
 from serve_app.generation.sampling import choose_tokens
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ class _Row:
     rng: torch.Generator | None
     tokens: list[int] = field(default_factory=list)
     finish: FinishReason | None = None
+    text: TextTracker | None = None  # set for streamed rows and rows with stop strings
 
 
 class BatchDecoder:
@@ -81,7 +83,13 @@ class BatchDecoder:
         if not params.greedy:
             seed = params.seed if params.seed is not None else random.getrandbits(63)
             rng = torch.Generator().manual_seed(seed)
-        return _Row(index, ids, params, budget, rng)
+        text = None
+        if request.stream or params.stop:
+            text = TextTracker(self.decode, params.stop)
+        return _Row(index, ids, params, budget, rng, text=text)
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
     def prepare(
         self, requests: Sequence[GenerationRequest]
@@ -126,10 +134,11 @@ class BatchDecoder:
 
     def result(self, request: GenerationRequest, row: _Row) -> Generation:
         info = self.loaded.info
+        completion = row.text.final(row.tokens) if row.text else self.decode(row.tokens)
         return Generation(
             model=request.model,
             prompt=request.prompt,
-            completion=self.tokenizer.decode(row.tokens, skip_special_tokens=True),
+            completion=completion,
             prompt_tokens=len(row.prompt_ids),
             completion_tokens=len(row.tokens),
             finish_reason=row.finish or "length",
@@ -199,27 +208,27 @@ class DecodeBatch:
         self.rows.extend(rows)
 
     @torch.inference_mode()
-    def step(self) -> list[StepEvent]:
+    def step(self) -> None:
         """Choose every row's next token, retire finished rows, run one forward pass."""
         decoder = self.decoder
         chosen = choose_tokens(self._logits, self.rows, decoder.vocab_limit)
-        events: list[StepEvent] = []
         keep: list[int] = []
         for j, (row, token) in enumerate(zip(self.rows, chosen, strict=True)):
             if token == decoder.eos_id:
                 row.finish = "stop"
-                events.append(StepEvent(row.index, None, "stop"))
                 continue
             row.tokens.append(token)
-            if len(row.tokens) >= row.budget:
+            if row.text is not None:
+                row.text.add(row.tokens)
+                if row.text.stopped:
+                    row.finish = "stop"
+            if row.finish is None and len(row.tokens) >= row.budget:
                 row.finish = "length"
-            events.append(StepEvent(row.index, token, row.finish))
             if row.finish is None:
                 keep.append(j)
         self._retain(keep)
         if self.rows:
             self._forward()
-        return events
 
     def drop(self, rows: list[_Row]) -> None:
         """Stop decoding these rows (their callers went away)."""

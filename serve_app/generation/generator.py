@@ -13,13 +13,14 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from ray import serve
 
 from serve_app.config import AppArgs, BatchingConfig
-from serve_app.domain import Generation, GenerationRequest
+from serve_app.domain import Generation, GenerationRequest, TextDelta
 from serve_app.errors import ServeError, UnknownModelError
 from serve_app.generation.metrics import GeneratorMetrics
 from serve_app.generation.scheduler import Scheduler
@@ -137,6 +138,26 @@ class Generator:
     async def generate(self, request: GenerationRequest) -> Generation:
         future = await self._admit(request)
         return await future
+
+    async def generate_stream(
+        self, request: GenerationRequest
+    ) -> AsyncIterator[TextDelta | Generation]:
+        """`TextDelta`s as the text is decoded, then the `Generation`. Called with
+        `handle.options(stream=True)`; rows join the same continuous batches as `generate`.
+        When the caller goes away, Ray cancels this generator and the row leaves its batch at
+        the next step."""
+        resident = await self._get_model(request.model)
+        channel, future = self._scheduler.submit_stream(resident.decoder, request)
+        try:
+            while True:
+                item = await channel.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, Generation):
+                    return
+        finally:
+            future.cancel()  # a no-op once answered
 
     # Grouping only: the group is handed to the decode loop, which admits it at its next step
     # boundary, so a group never waits for the previous one; max_concurrent_batches lets groups

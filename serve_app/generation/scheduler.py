@@ -26,7 +26,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from serve_app.domain import Generation, GenerationRequest
+from serve_app.domain import Generation, GenerationRequest, TextDelta
 from serve_app.errors import GenerationFailedError
 
 if TYPE_CHECKING:
@@ -55,6 +55,7 @@ class _Job:
     submitted: float = field(default_factory=time.perf_counter)
     admitted: float = 0.0
     handed_over: bool = False  # given to `_start`, which answers it from then on
+    channel: asyncio.Queue | None = None  # streamed: TextDelta items, then the outcome
 
 
 @dataclass
@@ -118,12 +119,25 @@ class Scheduler:
         """Queue requests for `decoder`'s model; each future resolves when its row is done."""
         loop = asyncio.get_running_loop()
         jobs = [_Job(decoder, r, loop.create_future(), loop) for r in requests]
+        self._enqueue(jobs)
+        return [job.future for job in jobs]
+
+    def submit_stream(
+        self, decoder: BatchDecoder, request: GenerationRequest
+    ) -> tuple[asyncio.Queue, asyncio.Future]:
+        """Queue a streamed request. The queue receives `TextDelta`s as text is decoded, then
+        the final `Generation` (or the exception); cancel the future to stop the row."""
+        loop = asyncio.get_running_loop()
+        job = _Job(decoder, request, loop.create_future(), loop, channel=asyncio.Queue())
+        self._enqueue([job])
+        return job.channel, job.future
+
+    def _enqueue(self, jobs: list[_Job]) -> None:
         with self._lock:
             if self._dead:
                 raise GenerationFailedError("the generator's decode loop has stopped")
             self._pending.extend(jobs)
         self._wake.set()
-        return [job.future for job in jobs]
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """End the decode thread (the replica shuts down); whatever it still holds fails."""
@@ -305,12 +319,23 @@ class Scheduler:
         self._notify("stepped", model_id, len(rows), elapsed)
         for row in rows:
             if row.finish is None:
+                job = jobs[id(row)]
+                if job.channel is not None:
+                    _send(job, row.text.take(), len(row.tokens))
                 continue
             job = jobs.pop(id(row))
             result = job.decoder.result(job.request, row)
             self.stats.tokens += result.completion_tokens
             self._notify("finished", model_id, result.completion_tokens)
+            if job.channel is not None:
+                _send(job, row.text.take(), len(row.tokens))
             _resolve(job, result)
+
+
+def _send(job: _Job, text: str, completion_tokens: int) -> None:
+    """Hand a streamed job the text decoded since the last delta (none: nothing to send)."""
+    if text:
+        job.loop.call_soon_threadsafe(job.channel.put_nowait, TextDelta(text, completion_tokens))
 
 
 def _resolve(job: _Job, outcome: Generation | BaseException) -> None:
@@ -321,5 +346,7 @@ def _resolve(job: _Job, outcome: Generation | BaseException) -> None:
             job.future.set_exception(outcome)
         else:
             job.future.set_result(outcome)
+        if job.channel is not None:
+            job.channel.put_nowait(outcome)
 
     job.loop.call_soon_threadsafe(settle)

@@ -23,7 +23,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
-from serve_app.domain import Generation
+from serve_app.domain import Generation, new_id
 from serve_app.errors import InvalidCursorError, InvalidRequestError
 from serve_app.storage.migrations import upgrade_to_head
 from serve_app.storage.tables import (
@@ -32,7 +32,6 @@ from serve_app.storage.tables import (
     from_row,
     iso_z,
     naive_utc,
-    new_id,
     to_values,
 )
 
@@ -166,11 +165,12 @@ class Store:
 
     async def insert_many(self, records: list[Generation]) -> list[Generation]:
         """Insert all records in one transaction (group commit); returns them once committed,
-        with the id and created_at the store assigned."""
+        with their created_at and, unless the caller chose one (a streamed answer's id is sent
+        before it is stored), a new id."""
         if not records:
             return []
         # Core insert (one executemany) skips the ORM unit of work.
-        values = [to_values(record, new_id(), _clock.now()) for record in records]
+        values = [to_values(record, record.id or new_id(), _clock.now()) for record in records]
         async with self.engine.begin() as conn:
             await conn.execute(insert(GenerationRow.__table__), values)
         return [

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-import time
-import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -99,18 +97,6 @@ def from_row(row: GenerationRow) -> Generation:
         completion=row.generated_text[len(row.prompt) :],
         feedback=feedback,
     )
-
-
-def new_id() -> str:
-    """A UUIDv7 (RFC 9562) string: 48-bit Unix ms, then random bits, so ids sort by time."""
-    ms = time.time_ns() // 1_000_000
-    rand = int.from_bytes(uuid.uuid4().bytes, "big")  # 122 random bits; we keep 74
-    value = (ms & ((1 << 48) - 1)) << 80
-    value |= 0x7 << 76  # version
-    value |= ((rand >> 62) & 0xFFF) << 64  # rand_a, 12 bits
-    value |= 0b10 << 62  # variant
-    value |= rand & ((1 << 62) - 1)  # rand_b, 62 bits
-    return str(uuid.UUID(int=value))
 
 
 def naive_utc(value: datetime) -> datetime:

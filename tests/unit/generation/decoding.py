@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from serve_app.domain import Generation, GenerationRequest, StepEvent
+from serve_app.domain import Generation, GenerationRequest
 from serve_app.errors import ServeError
 from serve_app.generation.engine import BatchDecoder, DecodeBatch
 
@@ -16,13 +16,14 @@ def prefill(decoder: BatchDecoder, rows: list) -> DecodeBatch:
     return batch
 
 
-def stream(decoder: BatchDecoder, rows: list) -> list[list[StepEvent]]:
-    """Every step's events, decoding `rows` together until all are done."""
+def run(decoder: BatchDecoder, rows: list) -> list[int]:
+    """Decode `rows` together until all are done; returns the rows in the batch at each step."""
     batch = prefill(decoder, rows)
-    steps = []
+    sizes = []
     while batch.rows:
-        steps.append(batch.step())
-    return steps
+        sizes.append(len(batch))
+        batch.step()
+    return sizes
 
 
 def generate(
@@ -31,7 +32,7 @@ def generate(
     """Complete `requests` together; a request that cannot run gets its own error."""
     rows, errors = decoder.prepare(requests)
     if rows:
-        stream(decoder, rows)
+        run(decoder, rows)
     results: list[Generation | ServeError] = [errors.get(i) for i in range(len(requests))]
     for row in rows:
         results[row.index] = decoder.result(requests[row.index], row)

@@ -16,7 +16,7 @@ from serve_app.generation.engine import (
 )
 from serve_app.models.loading import load_model
 from serve_app.models.resolve import resolve_model
-from tests.unit.generation.decoding import generate, lone, prefill, stream
+from tests.unit.generation.decoding import generate, lone, prefill, run
 
 
 @pytest.fixture(scope="module", params=["onednn", "stock"])
@@ -55,6 +55,18 @@ def test_end_of_text_finishes_with_stop_and_the_budget_with_length(decoder, monk
     monkeypatch.setattr(decoder, "eos_id", rows[0].tokens[0])  # the next token ends the text
     stopped = lone(decoder, req(max_new_tokens=5))
     assert (stopped.finish_reason, stopped.completion_tokens, stopped.completion) == ("stop", 0, "")
+
+
+def test_a_stop_string_ends_the_text_before_it(decoder):
+    full = lone(decoder, req("Stop strings", max_new_tokens=24))
+    assert full.finish_reason == "length" and len(full.completion) > 12
+    stop = full.completion[6:9]
+    cut = lone(decoder, req("Stop strings", max_new_tokens=24, stop=(stop,)))
+    assert cut.finish_reason == "stop"
+    assert cut.completion == full.completion[: full.completion.index(stop)]
+    assert cut.completion_tokens < full.completion_tokens
+    missing = lone(decoder, req("Stop strings", max_new_tokens=24, stop=("\u2603never",)))
+    assert missing.completion == full.completion and missing.finish_reason == "length"
 
 
 def test_batch_with_mixed_parameters_equals_lone_requests(decoder):
@@ -186,13 +198,11 @@ def test_stream_drops_finished_rows_and_ids_stay_in_vocab(decoder):
         [req(max_new_tokens=2), req(max_new_tokens=6), req(temperature=1.0, max_new_tokens=6)]
     )
     assert not errors
-    steps = stream(decoder, rows)
-    assert [len(step) for step in steps][:2] == [3, 3]
-    assert len(steps) <= 6
-    assert all(len(step) <= 2 for step in steps[2:])  # the 2-token row left the batch
-    for step in steps:
-        for event in step:
-            assert event.token_id is None or 0 <= event.token_id < decoder.vocab_limit
+    sizes = run(decoder, rows)
+    assert sizes[:2] == [3, 3]
+    assert len(sizes) <= 6
+    assert all(size <= 2 for size in sizes[2:])  # the 2-token row left the batch
+    assert all(0 <= t < decoder.vocab_limit for row in rows for t in row.tokens)
 
 
 def test_rows_joining_a_running_batch_get_what_a_lone_request_would(decoder):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from serve_app.config import ModelSpec
-from serve_app.domain import Generation, GenerationRequest, SamplingParams
+from serve_app.domain import Generation, GenerationRequest, SamplingParams, TextDelta
 from serve_app.errors import GenerationFailedError, PromptTooLongError
 from serve_app.generation.engine import BatchDecoder
 from serve_app.generation.scheduler import Scheduler
@@ -153,6 +153,60 @@ async def test_a_dead_decode_loop_answers_what_it_held_and_refuses_more(decoders
     await until(lambda: not s.alive)
     with pytest.raises(GenerationFailedError):
         s.submit(d1, [req("too late")])
+
+
+async def collect(channel: asyncio.Queue) -> tuple[list[TextDelta], Generation]:
+    deltas = []
+    while True:
+        item = await asyncio.wait_for(channel.get(), 30)
+        if isinstance(item, BaseException):
+            raise item
+        if isinstance(item, Generation):
+            return deltas, item
+        deltas.append(item)
+
+
+async def test_a_streamed_request_shares_the_batch_and_its_deltas_make_the_text(
+    decoders, scheduler
+):
+    d1, _ = decoders
+    plain = req("side by side", max_new_tokens=12)
+    streamed = GenerationRequest(
+        "m1", "side by side", SamplingParams(max_new_tokens=12), stream=True
+    )
+    (future,) = scheduler.submit(d1, [plain])
+    channel, _ = scheduler.submit_stream(d1, streamed)
+    deltas, final = await collect(channel)
+    assert "".join(d.text for d in deltas) == final.completion == (await future).completion
+    assert len(deltas) > 1  # text arrived as it was decoded, not at the end
+    counts = [d.completion_tokens for d in deltas]
+    assert counts == sorted(counts) and counts[-1] <= final.completion_tokens
+    assert scheduler.stats.max_rows == 2  # one batch for both
+
+
+async def test_a_streamed_stop_string_is_never_sent(decoders, scheduler):
+    d1, _ = decoders
+    full = lone(d1, req("streamed stop", max_new_tokens=20))
+    stop = full[5:8]
+    request = GenerationRequest(
+        "m1", "streamed stop", SamplingParams(max_new_tokens=20, stop=(stop,)), stream=True
+    )
+    deltas, final = await collect(scheduler.submit_stream(d1, request)[0])
+    assert "".join(d.text for d in deltas) == final.completion == full[: full.index(stop)]
+    assert final.finish_reason == "stop"
+
+
+async def test_a_cancelled_stream_leaves_the_batch_within_a_step(decoders, scheduler):
+    d1, _ = decoders
+    request = GenerationRequest("m1", "go on", SamplingParams(max_new_tokens=400), stream=True)
+    channel, future = scheduler.submit_stream(d1, request)
+    await asyncio.wait_for(channel.get(), 30)
+    future.cancel()
+    await until(lambda: scheduler.active == 0)
+    assert scheduler.stats.tokens == 0  # nothing finished: the row was dropped, not completed
+    steps = scheduler.stats.steps
+    await asyncio.sleep(0.1)
+    assert scheduler.stats.steps == steps  # and nothing decodes any more
 
 
 async def test_cancelled_request_leaves_the_batch(decoders, scheduler):

@@ -12,10 +12,11 @@ import pytest
 import yaml
 from sqlalchemy import insert
 
+from serve_app.domain import new_id
 from serve_app.storage.cli import main
 from serve_app.storage.migrations import head_revision
 from serve_app.storage.store import Store
-from serve_app.storage.tables import GenerationRow, new_id, to_values
+from serve_app.storage.tables import GenerationRow, to_values
 from tests.unit.storage.rows import make_row
 
 ROOT = Path(__file__).resolve().parents[3]

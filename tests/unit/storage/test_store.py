@@ -17,11 +17,11 @@ import pytest
 from sqlalchemy import insert, text
 from sqlalchemy.engine import make_url
 
-from serve_app.domain import Generation
+from serve_app.domain import Generation, new_id
 from serve_app.errors import InvalidCursorError, InvalidRequestError
 from serve_app.http.schemas import GenerationRecord
 from serve_app.storage.store import Store, decode_cursor, encode_cursor
-from serve_app.storage.tables import GenerationRow, MonotonicUtcClock, new_id, to_values
+from serve_app.storage.tables import GenerationRow, MonotonicUtcClock, to_values
 from tests.unit.storage.rows import make_row
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -79,7 +79,7 @@ async def test_committed_rows_survive_a_killed_process(store_url: str) -> None:
     script = f"""
 import asyncio, os, sys
 sys.path.insert(0, {str(REPO_ROOT)!r})
-from serve_app.domain import Generation
+from serve_app.domain import Generation, new_id
 from serve_app.http.schemas import GenerationRecord
 from serve_app.storage.store import Store
 
