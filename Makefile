@@ -9,7 +9,7 @@ RAY_ENV := $(shell sed -n 's/^\([A-Z_][A-Z0-9_]*\)=.*/\1/p' configs/ray.env)
 $(foreach v,$(RAY_ENV),$(eval $(v) ?= $(shell sed -n 's/^$(v)=//p' configs/ray.env)))
 export $(RAY_ENV)
 
-.PHONY: install run run-tiny test test-unit lint load bench bench-quick bench-cache clean
+.PHONY: install run run-tiny test test-unit lint load bench bench-quick bench-stream bench-cache clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,11 @@ bench: install
 
 bench-quick: install
 	$(BIN)/python loadtests/bench_batching.py --quick
+
+# Streaming: TTFT and inter-token latency at 1 and 32 streams, against raw prefill + one step
+# and against the unstreamed route, in one run. Writes bench-results/stream.json.
+bench-stream: install
+	$(BIN)/python loadtests/bench_stream.py
 
 # Starts configs/tiny.yaml itself, or measures a running app: make bench-cache URL=http://...
 # Prints a table, writes bench-results/cache.json, exits non-zero when a target is missed.

@@ -23,6 +23,39 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ChatTemplate(_Strict):
+    """How `/v1/chat/completions` turns messages into a GPT-2 prompt. GPT-2 has no chat format of
+    its own, so this is plain text: each message rendered by its role's pattern (`{content}`
+    is replaced by the message), then `generation_prompt`. Generation also stops at every
+    string in `stop` (by default, where the model starts the next user turn)."""
+
+    system: str = Field(default="{content}\n\n", description="Pattern of a system message.")
+    user: str = Field(default="User: {content}\n", description="Pattern of a user message.")
+    assistant: str = Field(
+        default="Assistant: {content}\n", description="Pattern of an earlier assistant message."
+    )
+    generation_prompt: str = Field(
+        default="Assistant:", description="Appended after the messages: the model continues it."
+    )
+    stop: tuple[str, ...] = Field(
+        default=("\nUser:",),
+        max_length=4,
+        description="Stop strings added to every chat request's own.",
+    )
+
+    @field_validator("system", "user", "assistant")
+    @classmethod
+    def _has_content(cls, pattern: str) -> str:
+        if "{content}" not in pattern:
+            raise ValueError("a message pattern must contain {content}")
+        return pattern
+
+    def render(self, messages: list[dict[str, str]]) -> str:
+        patterns = {"system": self.system, "user": self.user, "assistant": self.assistant}
+        rendered = (patterns[m["role"]].replace("{content}", m["content"]) for m in messages)
+        return "".join(rendered) + self.generation_prompt
+
+
 class ModelSpec(_Strict):
     """One servable model id and where its weights come from."""
 
@@ -50,6 +83,9 @@ class ModelSpec(_Strict):
         description="Serve the stand-in (with a loud warning) when `source` cannot be loaded.",
     )
     dtype: DType = Field(default="float32", description="Inference precision on the CPU.")
+    chat_template: ChatTemplate = Field(
+        default_factory=ChatTemplate, description="Prompt format of /v1/chat/completions."
+    )
     kernels: Kernels = Field(
         default="onednn",
         description=(

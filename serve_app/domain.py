@@ -145,6 +145,7 @@ class TextDelta:
 
     text: str
     completion_tokens: int
+    prompt_tokens: int = 0
 
 
 def new_id() -> str:

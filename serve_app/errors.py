@@ -63,7 +63,10 @@ class NotFoundError(ServeError):
 
 
 class PromptTooLongError(ServeError):
-    status_code = 413
+    """The prompt and the tokens asked for do not fit the model's context (counts in the
+    message): bad input, so a 400."""
+
+    status_code = 400
     error_type = "prompt_too_long"
 
 

@@ -139,6 +139,30 @@ class TieredCache:
             counters.coalesced += len(idx) - int(first is Source.GENERATED)
         return out  # type: ignore[return-value]
 
+    async def lookup(self, key: str) -> Generation | None:
+        """The cached answer for `key` (L1, else L2), or None; no single-flight (a stream
+        that misses generates its own answer)."""
+        self.counters.lookups += 1
+        value = self.l1.get(key)
+        if value is not None:
+            self.counters.l1_hits += 1
+            return value
+        if self.l2 is not None:
+            (hit,) = await self.l2.get_many([key])
+            if hit is not None:
+                self._remember(key, *hit)
+                self.counters.l2_hits += 1
+                return hit[0]
+            self.counters.l2_misses += 1
+        return None
+
+    async def store(self, key: str, value: Generation) -> None:
+        """Cache a freshly generated answer in both tiers."""
+        self.counters.fills += 1
+        self._remember(key, value, self.options.ttl_s)
+        if self.l2 is not None:
+            await self.l2.put_many({key: value}, self.options.ttl_s)
+
     async def _fill(
         self,
         key: str,
@@ -160,11 +184,8 @@ class TieredCache:
         try:
             value = await generate(index)
             if storable(value):
-                self.counters.fills += 1
                 # L1 first with the full TTL, then L2 with the same: the L1 copy expires first.
-                self._remember(key, value, self.options.ttl_s)
-                if self.l2 is not None:
-                    await self.l2.put_many({key: value}, self.options.ttl_s)
+                await self.store(key, value)
         finally:
             if token is not None and self.l2 is not None:
                 await self.l2.release(key, token)

@@ -321,21 +321,22 @@ class Scheduler:
             if row.finish is None:
                 job = jobs[id(row)]
                 if job.channel is not None:
-                    _send(job, row.text.take(), len(row.tokens))
+                    _send(job, row.text.take(), len(row.tokens), len(row.prompt_ids))
                 continue
             job = jobs.pop(id(row))
             result = job.decoder.result(job.request, row)
             self.stats.tokens += result.completion_tokens
             self._notify("finished", model_id, result.completion_tokens)
             if job.channel is not None:
-                _send(job, row.text.take(), len(row.tokens))
+                _send(job, row.text.take(), len(row.tokens), len(row.prompt_ids))
             _resolve(job, result)
 
 
-def _send(job: _Job, text: str, completion_tokens: int) -> None:
+def _send(job: _Job, text: str, completion_tokens: int, prompt_tokens: int) -> None:
     """Hand a streamed job the text decoded since the last delta (none: nothing to send)."""
     if text:
-        job.loop.call_soon_threadsafe(job.channel.put_nowait, TextDelta(text, completion_tokens))
+        delta = TextDelta(text, completion_tokens, prompt_tokens)
+        job.loop.call_soon_threadsafe(job.channel.put_nowait, delta)
 
 
 def _resolve(job: _Job, outcome: Generation | BaseException) -> None:

@@ -13,8 +13,6 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, Header, Path, Query, Response
 from ray import serve
-from ray.exceptions import RayError
-from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.cache.embedded_redis import EmbeddedRedis
@@ -22,15 +20,24 @@ from serve_app.cache.metrics import CacheMetrics
 from serve_app.cache.redis_tier import RedisTier
 from serve_app.cache.tiered import TieredCache
 from serve_app.config import AppArgs, apply_cache_user_config
-from serve_app.domain import Generation, GenerationRequest, Receipt
 from serve_app.errors import (
-    DependencyUnavailableError,
     ForbiddenError,
+    InvalidRequestError,
     NotFoundError,
     UnauthorizedError,
 )
-from serve_app.http.errors import as_serve_error, install_error_handlers
+from serve_app.http.backend import HandleBackend, call
+from serve_app.http.errors import install_error_handlers
 from serve_app.http.etag import conditional_json
+from serve_app.http.openai.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelListResponse,
+)
+from serve_app.http.openai.serving import OpenAIServing, record_id
 from serve_app.http.schemas import (
     CacheInvalidation,
     ErrorResponse,
@@ -42,8 +49,8 @@ from serve_app.http.schemas import (
     ModelList,
 )
 from serve_app.http.serving import GenerationService, ModelCatalog
+from serve_app.http.streaming import stream_generation
 from serve_app.models.resolve import resolve_model
-from serve_app.storage.group_commit import GroupCommitter
 
 logger = logging.getLogger("ray.serve").getChild(__name__)
 
@@ -58,63 +65,12 @@ install_error_handlers(api)
 HEALTH_TIMEOUT_S = 2.0
 
 
-async def _call(response: Any, what: str, timeout_s: float | None = None) -> Any:
-    """Await a handle call; infrastructure failures become a 503, meaningful errors pass."""
-    try:
-        if timeout_s is None:
-            return await response
-        return await asyncio.wait_for(response, timeout_s)
-    except asyncio.TimeoutError as exc:
-        raise DependencyUnavailableError(f"{what} did not answer in time") from exc
-    except (RayError, BackPressureError) as exc:
-        known = as_serve_error(exc)
-        if known is not None:
-            raise known from None
-        logger.warning("%s unavailable: %r", what, exc)
-        raise DependencyUnavailableError(f"{what} is unavailable, try again") from exc
-
-
 async def _probe(response: Any) -> Any:
     """A best-effort read for health and stats: a failure is reported, never raised."""
     try:
         return await asyncio.wait_for(response, HEALTH_TIMEOUT_S)
     except Exception as exc:
         return {"status": "unavailable", "error": type(exc).__name__}
-
-
-class HandleBackend:
-    """The service's backend, reached through Ray Serve deployment handles."""
-
-    def __init__(
-        self, generator: DeploymentHandle, store: DeploymentHandle, write_timeout_s: float
-    ) -> None:
-        self.generator = generator
-        self.store = store
-        self.write_timeout_s = write_timeout_s
-        # Requests finishing together share one `record` call (a handle call costs more than a
-        # row). Never retried: a call that failed may still have committed.
-        self.recorder: GroupCommitter[Generation, Generation] = GroupCommitter(
-            self._record_call, concurrency=2, isolate_failures=False
-        )
-
-    async def generate(self, request: GenerationRequest) -> Generation:
-        handle = self.generator.options(multiplexed_model_id=request.model)
-        return await _call(handle.generate.remote(request), "generator")
-
-    async def record(self, records: list[Generation]) -> list[Generation]:
-        return await self.recorder.submit(records)
-
-    async def _record_call(self, rows: list[Generation]) -> list[Generation]:
-        # A timed-out write is a 503 even if it commits later: no id is ever answered uncommitted.
-        receipts: list[Receipt] = await _call(
-            self.store.record.remote(rows), "persistence", self.write_timeout_s
-        )
-        if len(receipts) != len(rows):
-            raise DependencyUnavailableError("persistence answered with the wrong number of rows")
-        return [
-            row.replace(id=receipt.id, created_at=receipt.created_at)
-            for row, receipt in zip(rows, receipts, strict=True)
-        ]
 
 
 @serve.deployment
@@ -154,6 +110,7 @@ class Ingress:
             self.cache,
             HandleBackend(generator, store, args.persistence.write_timeout_s),
         )
+        self.openai = OpenAIServing(self.service)
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Live cache tunables from the deployment's `user_config` (async: runs on the loop
@@ -169,10 +126,35 @@ class Ingress:
         self,
         body: GenerateRequest,
         header_model: Annotated[str | None, Header(alias="serve_multiplexed_model_id")] = None,
-    ) -> list[GenerationRecord]:
+    ) -> Any:
+        """The records, or with `"stream": true` (one prompt) server-sent events: `{"text"}`
+        as the text is decoded, then `{"record"}`, then `[DONE]`."""
         model = body.model or header_model or self.args.default_model_id
-        records = await self.service.generate(body.to_requests(model))
+        requests = body.to_requests(model)
+        if body.stream:
+            if len(requests) != 1:
+                raise InvalidRequestError("streaming takes exactly one prompt", param="prompts")
+            return await stream_generation(self.service, requests[0])
+        records = await self.service.generate(requests)
         return [GenerationRecord.from_generation(g) for g in records]
+
+    @api.post("/v1/completions", response_model=CompletionResponse)
+    async def completions(self, body: CompletionRequest) -> Any:
+        """OpenAI text completions; `"stream": true` answers with server-sent events."""
+        return await self.openai.completions(body)
+
+    @api.post("/v1/chat/completions", response_model=ChatCompletionResponse)
+    async def chat_completions(self, body: ChatCompletionRequest) -> Any:
+        """OpenAI chat completions, the messages rendered by the model's `chat_template`."""
+        return await self.openai.chat(body)
+
+    @api.get("/v1/models", response_model=ModelListResponse)
+    async def openai_models(self) -> ModelListResponse:
+        return self.openai.models()
+
+    @api.get("/v1/models/{model_id}", response_model=ModelCard)
+    async def openai_model(self, model_id: Annotated[str, Path(max_length=64)]) -> ModelCard:
+        return self.openai.model(model_id)
 
     @api.get("/history", response_model=HistoryPage)
     async def history(
@@ -185,7 +167,7 @@ class Ingress:
         until: Annotated[datetime | None, Query(description="Exclusive; ISO 8601.")] = None,
         if_none_match: Annotated[str | None, Header()] = None,
     ) -> Response:
-        items, next_cursor = await _call(
+        items, next_cursor = await call(
             self.store.history.remote(limit, cursor, user_id, model, since, until), "persistence"
         )
         return conditional_json(HistoryPage.from_generations(items, next_cursor), if_none_match)
@@ -196,7 +178,7 @@ class Ingress:
         generation_id: Annotated[str, Path(max_length=64)],
         if_none_match: Annotated[str | None, Header()] = None,
     ) -> Response:
-        stored = await _call(self.store.get.remote(generation_id), "persistence")
+        stored = await call(self.store.get.remote(record_id(generation_id)), "persistence")
         if stored is None:
             raise NotFoundError(f"no generation with id {generation_id!r}")
         return conditional_json(GenerationRecord.from_generation(stored), if_none_match)
@@ -205,7 +187,7 @@ class Ingress:
     async def feedback(
         self, generation_id: Annotated[str, Path(max_length=64)], body: FeedbackRequest
     ) -> GenerationRecord:
-        stored = await _call(
+        stored = await call(
             self.store.set_feedback.remote(generation_id, body.rating, body.comment),
             "persistence",
             self.args.persistence.write_timeout_s,

@@ -40,6 +40,10 @@ class GenerateRequest(BaseModel):
     cache: bool = Field(
         default=True, description="False: neither read nor write the cache; always generate."
     )
+    stream: bool = Field(
+        default=False,
+        description="Server-sent events as the text is decoded (one prompt only).",
+    )
 
     @field_validator("prompts")
     @classmethod
@@ -62,7 +66,7 @@ class GenerateRequest(BaseModel):
             seed=self.seed,
         ).normalized()
         return [
-            domain.GenerationRequest(model, prompt, params, self.user_id, self.cache)
+            domain.GenerationRequest(model, prompt, params, self.user_id, self.cache, self.stream)
             for prompt in self.prompts
         ]
 
@@ -97,9 +101,17 @@ class GenerationRecord(BaseModel):
     cached: bool
     user_id: str | None = None
     usage: Usage
-    finish_reason: Literal["length", "stop"] | None = Field(
-        description="`length`: the token budget was reached; `stop`: the model ended the text. "
-        "Null for records stored before it was recorded."
+    finish_reason: Literal["length", "stop", "cancelled"] | None = Field(
+        description="`length`: the token budget was reached; `stop`: end of text or a stop "
+        "string; `cancelled`: the client left a stream early. Null for records stored before "
+        "it was recorded."
+    )
+    messages: list[dict[str, str]] | None = Field(
+        default=None, description="The chat the prompt was rendered from (chat completions)."
+    )
+    latency_ms: float = Field(description="The request's whole time at the server.")
+    ttft_ms: float | None = Field(
+        default=None, description="Time to the first streamed text; null when not streamed."
     )
     feedback: Feedback | None = None
 
@@ -125,6 +137,9 @@ class GenerationRecord(BaseModel):
             user_id=g.user_id,
             usage=Usage(prompt_tokens=g.prompt_tokens, completion_tokens=g.completion_tokens),
             finish_reason=g.finish_reason,
+            messages=g.messages,
+            latency_ms=round(g.latency_ms, 3),
+            ttft_ms=None if g.ttft_ms is None else round(g.ttft_ms, 3),
             feedback=feedback,
         )
 

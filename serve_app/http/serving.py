@@ -11,14 +11,14 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from serve_app.cache.keys import cache_key
 from serve_app.cache.tiered import Served, Source, TieredCache
 from serve_app.config import AppArgs, ModelSpec
-from serve_app.domain import Generation, GenerationRequest
+from serve_app.domain import Generation, GenerationRequest, TextDelta
 from serve_app.errors import ForbiddenContentError, InvalidRequestError, UnknownModelError
 
 if TYPE_CHECKING:
@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
 class Backend(Protocol):
     async def generate(self, request: GenerationRequest) -> Generation: ...
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[TextDelta | Generation]: ...
 
     async def record(self, records: list[Generation]) -> list[Generation]: ...
 
@@ -111,18 +113,30 @@ class GenerationService:
         self.backend = backend
         self.forbidden = ForbiddenWords(args.forbidden_words)
         self.counters = Counters()
+        self._tasks: set[asyncio.Future] = set()
 
-    async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
-        """Answer every request (the prompts of one HTTP call: one model, one set of settings)
-        and return the records once they are stored."""
+    def _admit(self, requests: Sequence[GenerationRequest]) -> str:
+        """Count a call and check what it asks for; returns its model id."""
         self.counters.requests += 1
         models = {r.model for r in requests}
         if len(models) != 1:
             raise InvalidRequestError("all prompts of a request go to one model")
         model = self.catalog.spec(models.pop()).id
         self.forbidden.check([r.prompt for r in requests])
-        started = time.perf_counter()
         self.counters.prompts += len(requests)
+        return model
+
+    async def generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        first_id: str | None = None,
+        messages: list[dict[str, str]] | None = None,
+    ) -> list[Generation]:
+        """Answer every request (the prompts of one HTTP call: one model, one set of settings)
+        and return the records once they are stored. `first_id` names the first record (an
+        OpenAI response's id); `messages` is the chat the prompts render."""
+        model = self._admit(requests)
+        started = time.perf_counter()
 
         async def run(i: int) -> Generation:
             result = await self.backend.generate(requests[i])
@@ -150,11 +164,95 @@ class GenerationService:
 
         latency_ms = (time.perf_counter() - started) * 1000
         records = [
-            answer.value.replace(user_id=r.user_id, cached=answer.cached, latency_ms=latency_ms)
-            for r, answer in zip(requests, served, strict=True)
+            answer.value.replace(
+                user_id=r.user_id,
+                cached=answer.cached,
+                latency_ms=latency_ms,
+                messages=messages,
+                id=first_id if i == 0 else None,
+            )
+            for i, (r, answer) in enumerate(zip(requests, served, strict=True))
         ]
         # Durable, then answered: a client never sees an id that is not stored.
         return await self.backend.record(records)
+
+    async def stream(
+        self,
+        request: GenerationRequest,
+        record_id: str | None = None,
+        messages: list[dict[str, str]] | None = None,
+    ) -> AsyncIterator[TextDelta | Generation]:
+        """`TextDelta`s as the text is decoded, then the stored record. A cached answer streams
+        back at once. If the consumer stops early (the client went away), what was produced is
+        recorded with finish_reason "cancelled"."""
+        model = self._admit([request])
+        started = time.perf_counter()
+        context: dict[str, Any] = {"user_id": request.user_id, "messages": messages}
+        key = None
+        if self.cache.enabled and request.cacheable:
+            revision = self.catalog.revision(model)
+            key = cache_key(self.args.cache.prefix, request, revision)
+            hit = await self.cache.lookup(key)
+            if hit is not None:
+                for piece in _pieces(hit.completion):
+                    yield TextDelta(piece, hit.completion_tokens, hit.prompt_tokens)
+                yield await self._record_one(
+                    hit.replace(cached=True, ttft_ms=_ms(started), **context), started, record_id
+                )
+                return
+        elif not request.use_cache:
+            self.counters.bypassed += 1
+        elif self.cache.enabled:
+            self.counters.uncacheable += 1
+
+        text: list[str] = []
+        tokens, prompt_tokens, ttft_ms = 0, 0, None
+        final: Generation | None = None
+        try:
+            async for item in self.backend.stream(request):
+                if isinstance(item, Generation):
+                    final = item
+                    break
+                ttft_ms = ttft_ms if ttft_ms is not None else _ms(started)
+                text.append(item.text)
+                tokens, prompt_tokens = item.completion_tokens, item.prompt_tokens
+                yield item
+        finally:
+            if final is None and (text or tokens):
+                # Cancelled mid-stream: keep what the client was sent. Not awaited here (this
+                # generator is being closed); the task holds its own reference.
+                partial = Generation(
+                    model=model,
+                    prompt=request.prompt,
+                    completion="".join(text),
+                    prompt_tokens=prompt_tokens,
+                    completion_tokens=tokens,
+                    model_source=self.catalog.info(model).location,
+                    model_revision=self.catalog.revision(model),
+                    finish_reason="cancelled",
+                    params=request.params.as_dict(),
+                    ttft_ms=ttft_ms,
+                    **context,
+                )
+                self._background(self._record_one(partial, started, record_id))
+        self.counters.generations += 1
+        self.catalog.served(model, final.model_revision)
+        if key is not None and final.model_revision == revision:
+            await self.cache.store(key, final)
+        yield await self._record_one(final.replace(ttft_ms=ttft_ms, **context), started, record_id)
+
+    async def _record_one(
+        self, record: Generation, started: float, record_id: str | None
+    ) -> Generation:
+        (stored,) = await self.backend.record(
+            [record.replace(latency_ms=_ms(started), id=record_id)]
+        )
+        return stored
+
+    def _background(self, work: Any) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def stats(self) -> dict[str, object]:
         c = self.counters
@@ -169,3 +267,12 @@ class GenerationService:
             },
             "uptime_s": round(time.time() - c.started_at, 1),
         }
+
+
+def _ms(started: float) -> float:
+    return (time.perf_counter() - started) * 1000
+
+
+def _pieces(text: str, size: int = 32) -> list[str]:
+    """A cached answer in stream-sized pieces (at least one, so the stream has a first chunk)."""
+    return [text[i : i + size] for i in range(0, len(text), size)] or [""]

@@ -58,7 +58,9 @@ class GenerationRow(Base):
     prompt_tokens: Mapped[int] = mapped_column(Integer)
     completion_tokens: Mapped[int] = mapped_column(Integer)
     latency_ms: Mapped[float] = mapped_column(Float)
-    finish_reason: Mapped[str | None] = mapped_column(String(16))  # "length" | "stop"
+    finish_reason: Mapped[str | None] = mapped_column(String(16))  # length, stop, cancelled
+    messages: Mapped[list[dict[str, str]] | None] = mapped_column(JSON)
+    ttft_ms: Mapped[float | None] = mapped_column(Float)
     feedback_rating: Mapped[int | None] = mapped_column(Integer)
     feedback_comment: Mapped[str | None] = mapped_column(Text)
     feedback_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=False))

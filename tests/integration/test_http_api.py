@@ -206,7 +206,7 @@ def test_model_switching_with_eviction(client):
         ({}, 422, "validation_error"),
         ({"prompts": ["x"], "model": "nope"}, 404, "unknown_model"),
         ({"prompts": ["I hate this"]}, 400, "forbidden_content"),
-        ({"prompts": ["word " * 700]}, 413, "prompt_too_long"),
+        ({"prompts": ["word " * 700]}, 400, "prompt_too_long"),
         ({"prompts": ["abc def"], "max_length": 1}, 400, "invalid_request"),
     ],
 )

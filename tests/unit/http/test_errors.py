@@ -3,7 +3,7 @@
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from serve_app.errors import PromptTooLongError
+from serve_app.errors import PromptTooLongError, UnknownModelError
 from serve_app.http.errors import install_error_handlers
 
 
@@ -27,6 +27,18 @@ def make_client() -> TestClient:
     async def wrapped() -> None:
         raise WrappedError(PromptTooLongError("too long", limit=512))
 
+    @app.get("/v1/wrapped")
+    async def wrapped_openai() -> None:
+        raise WrappedError(PromptTooLongError("too long", limit=512))
+
+    @app.get("/v1/model")
+    async def unknown_model() -> None:
+        raise UnknownModelError("unknown model 'x'", valid_ids=["a"])
+
+    @app.get("/v1/boom")
+    async def boom_openai() -> None:
+        raise RuntimeError("secret path /etc/passwd")
+
     return TestClient(app, raise_server_exceptions=False)
 
 
@@ -39,6 +51,25 @@ def test_unexpected_error_is_a_json_500_without_internals():
 
 def test_wrapped_serve_error_keeps_its_status_and_details():
     r = make_client().get("/wrapped")
-    assert r.status_code == 413
+    assert r.status_code == 400
     assert r.json()["error"] == {"type": "prompt_too_long", "message": "too long", "limit": 512}
     assert "x-response-time" in r.headers
+
+
+def test_openai_routes_answer_in_openai_shape():
+    client = make_client()
+    r = client.get("/v1/wrapped")
+    assert r.status_code == 400
+    assert r.json() == {
+        "error": {
+            "message": "too long",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "context_length_exceeded",
+        }
+    }
+    r = client.get("/v1/model")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = client.get("/v1/boom")
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    assert "passwd" not in r.text

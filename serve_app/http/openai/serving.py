@@ -1,0 +1,196 @@
+"""The OpenAI routes' logic: requests mapped onto the service, answers and SSE chunks built
+from the records it returns. No Ray import; the routes in `http.ingress` only call these.
+
+Every choice is a `GenerationRequest` of its own and becomes a stored record. The response id
+is the first choice's record id with OpenAI's prefix (`cmpl-`, `chatcmpl-`), so
+GET /history/{id} opens it. Streams are prepared up to their first event before the response
+starts, so an error that can be known early (unknown model, prompt too long) is a plain HTTP
+error; a later one is sent as a last SSE event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi.responses import StreamingResponse
+
+from serve_app.domain import Generation, GenerationRequest, TextDelta, new_id
+from serve_app.http.errors import sse_error
+from serve_app.http.openai.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    ModelCard,
+    ModelListResponse,
+    Usage,
+)
+from serve_app.http.serving import GenerationService
+from serve_app.http.streaming import sse
+
+Event = tuple[int, TextDelta | Generation]  # (choice index, what it produced)
+ID_PREFIXES = ("chatcmpl-", "cmpl-")
+
+
+def record_id(response_id: str) -> str:
+    """The history id behind an OpenAI response id (or a plain record id, unchanged)."""
+    for prefix in ID_PREFIXES:
+        if response_id.startswith(prefix):
+            return response_id[len(prefix) :]
+    return response_id
+
+
+class OpenAIServing:
+    def __init__(self, service: GenerationService) -> None:
+        self.service = service
+        self.created = int(time.time())
+
+    # -- models ------------------------------------------------------------------------------
+    def models(self) -> ModelListResponse:
+        ids = self.service.args.model_ids
+        return ModelListResponse(data=[ModelCard(id=i, created=self.created) for i in ids])
+
+    def model(self, model_id: str) -> ModelCard:
+        return ModelCard(id=self.service.catalog.spec(model_id).id, created=self.created)
+
+    # -- completions -------------------------------------------------------------------------
+    async def completions(self, body: CompletionRequest) -> CompletionResponse | StreamingResponse:
+        rid = new_id()
+        response_id, requests = f"cmpl-{rid}", body.to_requests()
+        if body.stream:
+
+            def chunk(i: int, item: TextDelta | Generation, created: int) -> dict[str, Any]:
+                text = item.text if isinstance(item, TextDelta) else ""
+                finish = item.finish_reason if isinstance(item, Generation) else None
+                choice = CompletionChoice(index=i, text=text, finish_reason=finish)
+                return CompletionResponse(
+                    id=response_id, created=created, model=body.model, choices=[choice]
+                ).model_dump(exclude_none=True)
+
+            usage_chunk = {"id": response_id, "object": "text_completion", "choices": []}
+            return await self._sse(requests, rid, None, chunk, usage_chunk, body.include_usage)
+        records = await self.service.generate(requests, first_id=rid)
+        return CompletionResponse(
+            id=response_id,
+            model=body.model,
+            choices=[
+                CompletionChoice(index=i, text=g.completion, finish_reason=g.finish_reason)
+                for i, g in enumerate(records)
+            ],
+            usage=Usage.of(records),
+        )
+
+    # -- chat --------------------------------------------------------------------------------
+    async def chat(self, body: ChatCompletionRequest) -> ChatCompletionResponse | StreamingResponse:
+        spec = self.service.catalog.spec(body.model)
+        messages = body.message_dicts()
+        template = spec.chat_template
+        requests = body.to_requests(template.render(messages), list(template.stop))
+        rid = new_id()
+        response_id = f"chatcmpl-{rid}"
+        if body.stream:
+            started: set[int] = set()
+
+            def chunk(i: int, item: TextDelta | Generation, created: int) -> dict[str, Any]:
+                delta = DeltaMessage()
+                if i not in started:  # a choice's first chunk names the role
+                    started.add(i)
+                    delta.role = "assistant"
+                if isinstance(item, TextDelta):
+                    delta.content = item.text
+                finish = item.finish_reason if isinstance(item, Generation) else None
+                choice = ChatChunkChoice(index=i, delta=delta, finish_reason=finish)
+                return ChatCompletionChunk(
+                    id=response_id, created=created, model=body.model, choices=[choice]
+                ).model_dump(exclude_none=True)
+
+            usage_chunk = {"id": response_id, "object": "chat.completion.chunk", "choices": []}
+            return await self._sse(requests, rid, messages, chunk, usage_chunk, body.include_usage)
+        records = await self.service.generate(requests, first_id=rid, messages=messages)
+        return ChatCompletionResponse(
+            id=response_id,
+            model=body.model,
+            choices=[
+                ChatChoice(
+                    index=i,
+                    message=AssistantMessage(content=g.completion),
+                    finish_reason=g.finish_reason,
+                )
+                for i, g in enumerate(records)
+            ],
+            usage=Usage.of(records),
+        )
+
+    # -- streaming ---------------------------------------------------------------------------
+    async def _sse(
+        self,
+        requests: list[GenerationRequest],
+        rid: str,
+        messages: list[dict[str, str]] | None,
+        chunk: Callable[[int, TextDelta | Generation, int], dict[str, Any]],
+        usage_chunk: dict[str, Any],
+        include_usage: bool,
+    ) -> StreamingResponse:
+        events = self.merged(requests, rid, messages)
+        first = await anext(events)  # errors up to here are plain HTTP errors
+        created = int(time.time())
+
+        async def frames() -> AsyncIterator[str]:
+            finals: list[Generation] = []
+            try:
+                event: Event | None = first
+                while event is not None:
+                    index, item = event
+                    if isinstance(item, Generation):
+                        finals.append(item)
+                    yield sse(chunk(index, item, created))
+                    event = await anext(events, None)
+                if include_usage:
+                    usage = Usage.of(finals).model_dump()
+                    yield sse({**usage_chunk, "created": created, "usage": usage})
+                yield "data: [DONE]\n\n"
+            except Exception as exc:
+                yield sse_error(exc, openai=True)
+            finally:
+                await events.aclose()
+
+        return StreamingResponse(frames(), media_type="text/event-stream")
+
+    async def merged(
+        self, requests: list[GenerationRequest], rid: str, messages: list[dict[str, str]] | None
+    ) -> AsyncIterator[Event]:
+        """Every choice's stream, interleaved as they produce; the first choice's record takes
+        the response's id. Closing this stops every choice (the client went away)."""
+        queue: asyncio.Queue[tuple[int, TextDelta | Generation | BaseException]] = asyncio.Queue()
+
+        async def pump(i: int, request: GenerationRequest) -> None:
+            try:
+                name = rid if i == 0 else None
+                async for item in self.service.stream(request, name, messages):
+                    queue.put_nowait((i, item))
+            except Exception as exc:
+                queue.put_nowait((i, exc))
+
+        tasks = [asyncio.ensure_future(pump(i, r)) for i, r in enumerate(requests)]
+        try:
+            done = 0
+            while done < len(tasks):
+                i, item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                done += isinstance(item, Generation)
+                yield i, item
+        finally:
+            for task in tasks:
+                task.cancel()
+            # Held until they have wound down (each records what its choice produced).
+            self.service._background(asyncio.gather(*tasks, return_exceptions=True))
