@@ -116,6 +116,7 @@ class Generation:
     latency_ms: float = 0.0  # the request's whole time at the ingress
     ttft_ms: float | None = None  # time to the first streamed text; None when not streamed
     messages: list[dict[str, str]] | None = None  # the chat that `prompt` renders
+    metadata: dict[str, str] | None = None  # the client's labels (OpenAI `metadata`)
     id: str | None = None  # chosen by the ingress or by persistence; final once committed
     created_at: datetime | None = None  # aware, UTC; assigned with the id
     feedback: Feedback | None = None

@@ -24,7 +24,17 @@ KEY_VERSION = 3  # 3: values are JSON objects of the Generation record
 
 # Fields of a `Generation` that describe one request's answer, not the cached text.
 _PER_REQUEST = frozenset(
-    {"id", "created_at", "feedback", "user_id", "cached", "latency_ms", "ttft_ms", "messages"}
+    {
+        "id",
+        "created_at",
+        "feedback",
+        "user_id",
+        "cached",
+        "latency_ms",
+        "ttft_ms",
+        "messages",
+        "metadata",
+    }
 )
 _CACHED_FIELDS = frozenset(f.name for f in dataclasses.fields(Generation)) - _PER_REQUEST
 

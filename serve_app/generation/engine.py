@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -208,8 +208,11 @@ class DecodeBatch:
         self.rows.extend(rows)
 
     @torch.inference_mode()
-    def step(self) -> None:
-        """Choose every row's next token, retire finished rows, run one forward pass."""
+    def step(self, chosen_hook: Callable[[], None] | None = None) -> None:
+        """Choose every row's next token, retire finished rows, run one forward pass.
+
+        `chosen_hook` runs between choosing and the forward pass: what it hands out (finished
+        rows, streamed text) then waits for no forward pass of the rows that go on."""
         decoder = self.decoder
         chosen = choose_tokens(self._logits, self.rows, decoder.vocab_limit)
         keep: list[int] = []
@@ -227,6 +230,8 @@ class DecodeBatch:
             if row.finish is None:
                 keep.append(j)
         self._retain(keep)
+        if chosen_hook is not None:
+            chosen_hook()
         if self.rows:
             self._forward()
 

@@ -308,15 +308,18 @@ class Scheduler:
         rows = list(batch.rows)
         if self.threads:
             self.threads.for_step(len(rows))
+        model_id = jobs[id(rows[0])].request.model
         started = time.perf_counter()
-        batch.step()
+        batch.step(lambda: self._deliver(rows, jobs, model_id))
         elapsed = time.perf_counter() - started
         self.stats.step_s += elapsed
         self.stats.steps += 1
         self.stats.step_rows += len(rows)
         self.stats.max_rows = max(self.stats.max_rows, len(rows))
-        model_id = jobs[id(rows[0])].request.model
         self._notify("stepped", model_id, len(rows), elapsed)
+
+    def _deliver(self, rows: list, jobs: dict[int, _Job], model_id: str) -> None:
+        """Answer the rows that finished and stream new text, before the next forward pass."""
         for row in rows:
             if row.finish is None:
                 job = jobs[id(row)]

@@ -9,9 +9,9 @@ import asyncio
 import hmac
 import logging
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, Header, Path, Query, Response
+from fastapi import FastAPI, Header, Path, Query, Request, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -30,6 +30,7 @@ from serve_app.http.backend import HandleBackend, call
 from serve_app.http.errors import install_error_handlers
 from serve_app.http.etag import conditional_json
 from serve_app.http.openai.protocol import (
+    ChatCompletionList,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
@@ -37,7 +38,7 @@ from serve_app.http.openai.protocol import (
     ModelCard,
     ModelListResponse,
 )
-from serve_app.http.openai.serving import OpenAIServing, record_id
+from serve_app.http.openai.serving import OpenAIServing, metadata_filter, record_id
 from serve_app.http.schemas import (
     CacheInvalidation,
     ErrorResponse,
@@ -148,6 +149,31 @@ class Ingress:
         """OpenAI chat completions, the messages rendered by the model's `chat_template`."""
         return await self.openai.chat(body)
 
+    @api.get("/v1/chat/completions", response_model=ChatCompletionList)
+    async def stored_chats(
+        self,
+        request: Request,
+        model: Annotated[str | None, Query(max_length=64)] = None,
+        after: Annotated[str | None, Query(max_length=80)] = None,
+        limit: Annotated[int, Query(ge=1, le=100)] = 20,
+        order: Literal["asc", "desc"] = "asc",
+    ) -> ChatCompletionList:
+        """Stored chat completions (OpenAI's listing), filtered by `model` and `metadata[k]=v`."""
+        query = {"model": model, "order": order, "metadata": metadata_filter(request)}
+        if after is not None:
+            query["after"] = record_id(after)
+        records, has_more = await call(self.store.chats.remote(limit, **query), "persistence")
+        return self.openai.stored_chats(records, has_more)
+
+    @api.get("/v1/chat/completions/{completion_id}", response_model=ChatCompletionResponse)
+    async def stored_chat(
+        self, completion_id: Annotated[str, Path(max_length=80)]
+    ) -> ChatCompletionResponse:
+        stored = await call(self.store.get.remote(record_id(completion_id)), "persistence")
+        if stored is None or stored.messages is None:
+            raise NotFoundError(f"no chat completion with id {completion_id!r}")
+        return self.openai.stored_chat(stored)
+
     @api.get("/v1/models", response_model=ModelListResponse)
     async def openai_models(self) -> ModelListResponse:
         return self.openai.models()
@@ -159,6 +185,7 @@ class Ingress:
     @api.get("/history", response_model=HistoryPage)
     async def history(
         self,
+        request: Request,
         limit: Annotated[int, Query(ge=1, le=100)] = 20,
         cursor: Annotated[str | None, Query(max_length=512)] = None,
         user_id: Annotated[str | None, Query(max_length=128)] = None,
@@ -167,8 +194,11 @@ class Ingress:
         until: Annotated[datetime | None, Query(description="Exclusive; ISO 8601.")] = None,
         if_none_match: Annotated[str | None, Header()] = None,
     ) -> Response:
+        """Newest first; `metadata[key]=value` parameters filter on the records' metadata."""
+        query = {"user_id": user_id, "model": model, "since": since, "until": until}
+        query["metadata"] = metadata_filter(request)
         items, next_cursor = await call(
-            self.store.history.remote(limit, cursor, user_id, model, since, until), "persistence"
+            self.store.history.remote(limit, cursor, **query), "persistence"
         )
         return conditional_json(HistoryPage.from_generations(items, next_cursor), if_none_match)
 

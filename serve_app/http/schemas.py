@@ -109,6 +109,9 @@ class GenerationRecord(BaseModel):
     messages: list[dict[str, str]] | None = Field(
         default=None, description="The chat the prompt was rendered from (chat completions)."
     )
+    metadata: dict[str, str] | None = Field(
+        default=None, description="The labels the client sent (OpenAI routes' `metadata`)."
+    )
     latency_ms: float = Field(description="The request's whole time at the server.")
     ttft_ms: float | None = Field(
         default=None, description="Time to the first streamed text; null when not streamed."
@@ -138,6 +141,7 @@ class GenerationRecord(BaseModel):
             usage=Usage(prompt_tokens=g.prompt_tokens, completion_tokens=g.completion_tokens),
             finish_reason=g.finish_reason,
             messages=g.messages,
+            metadata=g.metadata,
             latency_ms=round(g.latency_ms, 3),
             ttft_ms=None if g.ttft_ms is None else round(g.ttft_ms, 3),
             feedback=feedback,

@@ -130,11 +130,12 @@ class GenerationService:
         self,
         requests: Sequence[GenerationRequest],
         first_id: str | None = None,
-        messages: list[dict[str, str]] | None = None,
+        context: dict[str, Any] | None = None,
     ) -> list[Generation]:
         """Answer every request (the prompts of one HTTP call: one model, one set of settings)
         and return the records once they are stored. `first_id` names the first record (an
-        OpenAI response's id); `messages` is the chat the prompts render."""
+        OpenAI response's id); `context` holds record fields the caller knows (`messages`,
+        `metadata`)."""
         model = self._admit(requests)
         started = time.perf_counter()
 
@@ -168,8 +169,8 @@ class GenerationService:
                 user_id=r.user_id,
                 cached=answer.cached,
                 latency_ms=latency_ms,
-                messages=messages,
                 id=first_id if i == 0 else None,
+                **(context or {}),
             )
             for i, (r, answer) in enumerate(zip(requests, served, strict=True))
         ]
@@ -180,14 +181,14 @@ class GenerationService:
         self,
         request: GenerationRequest,
         record_id: str | None = None,
-        messages: list[dict[str, str]] | None = None,
+        context: dict[str, Any] | None = None,
     ) -> AsyncIterator[TextDelta | Generation]:
         """`TextDelta`s as the text is decoded, then the stored record. A cached answer streams
         back at once. If the consumer stops early (the client went away), what was produced is
         recorded with finish_reason "cancelled"."""
         model = self._admit([request])
         started = time.perf_counter()
-        context: dict[str, Any] = {"user_id": request.user_id, "messages": messages}
+        context = {"user_id": request.user_id, **(context or {})}
         key = None
         if self.cache.enabled and request.cacheable:
             revision = self.catalog.revision(model)

@@ -91,17 +91,18 @@ class Persistence:
             return await store.get(generation_id)
 
     async def history(
-        self,
-        limit: int,
-        cursor: str | None = None,
-        user_id: str | None = None,
-        model: str | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
+        self, limit: int, cursor: str | None = None, **filters: Any
     ) -> tuple[list[Generation], str | None]:
+        """A page of history: `Store.history`'s arguments."""
         store = await self._store()
         async with _database_errors("reading history"):
-            return await store.history(limit, cursor, user_id, model, since, until)
+            return await store.history(limit, cursor, **filters)
+
+    async def chats(self, limit: int, **query: Any) -> tuple[list[Generation], bool]:
+        """Stored chat completions: `Store.chats`'s arguments."""
+        store = await self._store()
+        async with _database_errors("listing chat completions"):
+            return await store.chats(limit, **query)
 
     async def set_feedback(
         self, generation_id: str, rating: int, comment: str | None

@@ -73,6 +73,16 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     return created_at, generation_id
 
 
+def _filtered(stmt, user_id: str | None, model: str | None, metadata: dict[str, str] | None):
+    if user_id is not None:
+        stmt = stmt.where(GenerationRow.user_id == user_id)
+    if model is not None:
+        stmt = stmt.where(GenerationRow.model_name == model)
+    for key, value in (metadata or {}).items():  # JSON_EXTRACT on SQLite, ->> on PostgreSQL
+        stmt = stmt.where(GenerationRow.metadata_[key].as_string() == value)
+    return stmt
+
+
 # Order matters: busy_timeout first so the switch to WAL waits for another writer instead of
 # failing. synchronous=FULL fsyncs the WAL on every commit, so a row whose insert_many returned
 # survives a power loss or OS crash; NORMAL (the usual WAL pairing) can lose the last commits
@@ -192,20 +202,18 @@ class Store:
         model: str | None = None,
         since: datetime | None = None,
         until: datetime | None = None,
+        metadata: dict[str, str] | None = None,
     ) -> tuple[list[Generation], str | None]:
         """A page of rows, newest first, and the cursor of the next page (None on the last).
 
-        `since` is inclusive and `until` exclusive; naive datetimes are taken as UTC.
+        `since` is inclusive and `until` exclusive; naive datetimes are taken as UTC. A row
+        matches `metadata` when it holds every one of its pairs.
         """
         if limit < 1:
             raise InvalidRequestError("limit must be at least 1", limit=limit)
         if since is not None and until is not None and naive_utc(since) > naive_utc(until):
             raise InvalidRequestError("since must not be later than until")
-        stmt = select(GenerationRow)
-        if user_id is not None:
-            stmt = stmt.where(GenerationRow.user_id == user_id)
-        if model is not None:
-            stmt = stmt.where(GenerationRow.model_name == model)
+        stmt = _filtered(select(GenerationRow), user_id, model, metadata)
         if since is not None:
             stmt = stmt.where(GenerationRow.created_at >= naive_utc(since))
         if until is not None:
@@ -231,6 +239,39 @@ class Store:
         if len(rows) > limit:
             next_cursor = encode_cursor(items[-1].created_at, items[-1].id)
         return items, next_cursor
+
+    async def chats(
+        self,
+        limit: int,
+        after: str | None = None,
+        order: str = "asc",
+        model: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> tuple[list[Generation], bool]:
+        """Stored chat completions (OpenAI's listing): oldest first (`order="asc"`) or newest
+        first, after the record `after`; returns a page and whether more follow."""
+        stmt = _filtered(select(GenerationRow), None, model, metadata).where(
+            GenerationRow.messages.is_not(None)
+        )
+        async with self._session_factory()() as session:
+            if after is not None:
+                anchor = await session.get(GenerationRow, after)
+                if anchor is None or anchor.messages is None:
+                    raise InvalidRequestError(f"no chat completion {after!r}", param="after")
+                at, key = anchor.created_at, anchor.id
+                later = or_(
+                    GenerationRow.created_at > at,
+                    and_(GenerationRow.created_at == at, GenerationRow.id > key),
+                )
+                earlier = or_(
+                    GenerationRow.created_at < at,
+                    and_(GenerationRow.created_at == at, GenerationRow.id < key),
+                )
+                stmt = stmt.where(later if order == "asc" else earlier)
+            columns = (GenerationRow.created_at, GenerationRow.id)
+            ordered = columns if order == "asc" else tuple(c.desc() for c in columns)
+            rows = (await session.scalars(stmt.order_by(*ordered).limit(limit + 1))).all()
+            return [from_row(row) for row in rows[:limit]], len(rows) > limit
 
     async def set_feedback(
         self, id: str, rating: int, comment: str | None = None

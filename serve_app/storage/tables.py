@@ -59,8 +59,11 @@ class GenerationRow(Base):
     completion_tokens: Mapped[int] = mapped_column(Integer)
     latency_ms: Mapped[float] = mapped_column(Float)
     finish_reason: Mapped[str | None] = mapped_column(String(16))  # length, stop, cancelled
-    messages: Mapped[list[dict[str, str]] | None] = mapped_column(JSON)
+    # none_as_null: a missing value is SQL NULL (queries test it), not the JSON text null.
+    messages: Mapped[list[dict[str, str]] | None] = mapped_column(JSON(none_as_null=True))
     ttft_ms: Mapped[float | None] = mapped_column(Float)
+    # The attribute `metadata` is SQLAlchemy's own; the column keeps the API's name.
+    metadata_: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON(none_as_null=True))
     feedback_rating: Mapped[int | None] = mapped_column(Integer)
     feedback_comment: Mapped[str | None] = mapped_column(Text)
     feedback_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=False))
@@ -70,7 +73,7 @@ _SAME_NAME = tuple(
     column.key
     for column in GenerationRow.__table__.columns
     if column.key in {f.name for f in dataclasses.fields(Generation)}
-    and column.key not in ("id", "created_at")
+    and column.key not in ("id", "created_at", "metadata")  # metadata: see metadata_
 )
 
 
@@ -82,6 +85,7 @@ def to_values(record: Generation, id: str, created_at: datetime) -> dict[str, An
         created_at=created_at,
         generated_text=record.generated_text,
         model_name=record.model,
+        metadata=record.metadata,
     )
     return values
 
@@ -97,6 +101,7 @@ def from_row(row: GenerationRow) -> Generation:
         created_at=aware(row.created_at),
         model=row.model_name,
         completion=row.generated_text[len(row.prompt) :],
+        metadata=row.metadata_,
         feedback=feedback,
     )
 

@@ -228,3 +228,47 @@ def test_generate_streams_one_prompt(client):
     assert record["prompt"] == prompt and record["ttft_ms"] is not None
     r = client.post("/generate", json={**body, "prompts": [prompt, prompt]})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request"
+
+
+def test_metadata_is_stored_filtered_and_chats_are_listed(oai, client):
+    run = unique("run")
+    chat = [{"role": "user", "content": unique("label me")}]
+    first = oai.chat.completions.create(
+        model="tiny-a", messages=chat, max_tokens=4, temperature=0, metadata={"run": run}
+    )
+    second = oai.chat.completions.create(
+        model="tiny-b",
+        messages=chat,
+        max_tokens=4,
+        temperature=0,
+        metadata={"run": run, "kind": "b"},
+    )
+    oai.completions.create(  # a plain completion: in history, not among the chats
+        model="tiny-a", prompt=unique("plain"), max_tokens=2, extra_body={"metadata": {"run": run}}
+    )
+    everything = client.get("/history", params={"metadata[run]": run}).json()["items"]
+    assert len(everything) == 3 and all(i["metadata"]["run"] == run for i in everything)
+    only_b = client.get("/history", params={"metadata[run]": run, "metadata[kind]": "b"})
+    assert [i["id"] for i in only_b.json()["items"]] == [second.id.removeprefix("chatcmpl-")]
+
+    listed = oai.chat.completions.list(metadata={"run": run})
+    assert [c.id for c in listed.data] == [first.id, second.id]  # oldest first
+    page = oai.chat.completions.list(metadata={"run": run}, limit=1)
+    assert [c.id for c in page.data] == [first.id] and page.has_more
+    rest = oai.chat.completions.list(metadata={"run": run}, after=first.id)
+    assert [c.id for c in rest.data] == [second.id]
+    newest = oai.chat.completions.list(metadata={"run": run}, order="desc", model="tiny-b")
+    assert [c.id for c in newest.data] == [second.id]
+
+    stored = oai.chat.completions.retrieve(first.id)
+    assert stored.choices[0].message.content == first.choices[0].message.content
+    assert stored.metadata == {"run": run}
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.chat.completions.create(
+            model="tiny-a",
+            messages=chat,
+            max_tokens=1,
+            metadata={f"k{i}": "v" for i in range(17)},
+        )
+    assert err.value.param == "metadata"
+    assert client.get("/history", params={"metadata[x]": "y" * 600}).status_code == 400

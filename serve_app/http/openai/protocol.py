@@ -43,6 +43,23 @@ _OFF: dict[str, tuple[Any, ...]] = {
 }
 
 
+MAX_METADATA_PAIRS = 16
+MAX_METADATA_KEY = 64
+MAX_METADATA_VALUE = 512
+
+
+def check_metadata(metadata: dict[str, str]) -> None:
+    """OpenAI's bounds: at most 16 pairs, keys up to 64 and values up to 512 characters."""
+    if len(metadata) > MAX_METADATA_PAIRS:
+        raise ValueError(f"metadata holds at most {MAX_METADATA_PAIRS} pairs")
+    for key, value in metadata.items():
+        if not 0 < len(key) <= MAX_METADATA_KEY or len(value) > MAX_METADATA_VALUE:
+            raise ValueError(
+                f"metadata keys need 1 to {MAX_METADATA_KEY} characters and values at most "
+                f"{MAX_METADATA_VALUE}"
+            )
+
+
 class UnsupportedFieldError(ValueError):
     def __init__(self, name: str) -> None:
         super().__init__(f"'{name}' is not supported by this server")
@@ -69,6 +86,9 @@ class _SamplingRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(default=None, min_length=1, max_length=128)
+    metadata: dict[str, str] | None = Field(
+        default=None, description="Up to 16 labels stored with the answer; history filters on them."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -91,6 +111,17 @@ class _SamplingRequest(BaseModel):
         if any(not s or len(s) > MAX_STOP_CHARS for s in stops):
             raise ValueError(f"stop sequences must have 1 to {MAX_STOP_CHARS} characters")
         return stops
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, metadata: dict[str, str] | None) -> dict[str, str] | None:
+        if metadata is not None:
+            check_metadata(metadata)
+        return metadata
+
+    def context(self, **fields: Any) -> dict[str, Any]:
+        """Record fields this request sets besides its generation settings."""
+        return {"metadata": self.metadata, **fields}
 
     @property
     def include_usage(self) -> bool:
@@ -216,6 +247,7 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+    metadata: dict[str, str] | None = None
 
 
 class AssistantMessage(BaseModel):
@@ -237,6 +269,17 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    metadata: dict[str, str] | None = None
+
+
+class ChatCompletionList(BaseModel):
+    """OpenAI's listing of stored chat completions."""
+
+    object: Literal["list"] = "list"
+    data: list[ChatCompletionResponse]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
 
 
 class DeltaMessage(BaseModel):

@@ -15,15 +15,18 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from serve_app.domain import Generation, GenerationRequest, TextDelta, new_id
+from serve_app.errors import InvalidRequestError
 from serve_app.http.errors import sse_error
 from serve_app.http.openai.protocol import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletionChunk,
+    ChatCompletionList,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionChoice,
@@ -33,12 +36,29 @@ from serve_app.http.openai.protocol import (
     ModelCard,
     ModelListResponse,
     Usage,
+    check_metadata,
 )
 from serve_app.http.serving import GenerationService
 from serve_app.http.streaming import sse
 
 Event = tuple[int, TextDelta | Generation]  # (choice index, what it produced)
 ID_PREFIXES = ("chatcmpl-", "cmpl-")
+
+
+def metadata_filter(request: Request) -> dict[str, str] | None:
+    """`metadata[key]=value` query parameters (as the openai client sends a metadata filter)."""
+    pairs = {
+        name[len("metadata[") : -1]: value
+        for name, value in request.query_params.multi_items()
+        if name.startswith("metadata[") and name.endswith("]")
+    }
+    if not pairs:
+        return None
+    try:
+        check_metadata(pairs)
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc), param="metadata") from None
+    return pairs
 
 
 def record_id(response_id: str) -> str:
@@ -77,8 +97,8 @@ class OpenAIServing:
                 ).model_dump(exclude_none=True)
 
             usage_chunk = {"id": response_id, "object": "text_completion", "choices": []}
-            return await self._sse(requests, rid, None, chunk, usage_chunk, body.include_usage)
-        records = await self.service.generate(requests, first_id=rid)
+            return await self._sse(requests, rid, body.context(), chunk, usage_chunk, body)
+        records = await self.service.generate(requests, rid, body.context())
         return CompletionResponse(
             id=response_id,
             model=body.model,
@@ -87,6 +107,7 @@ class OpenAIServing:
                 for i, g in enumerate(records)
             ],
             usage=Usage.of(records),
+            metadata=body.metadata,
         )
 
     # -- chat --------------------------------------------------------------------------------
@@ -114,8 +135,9 @@ class OpenAIServing:
                 ).model_dump(exclude_none=True)
 
             usage_chunk = {"id": response_id, "object": "chat.completion.chunk", "choices": []}
-            return await self._sse(requests, rid, messages, chunk, usage_chunk, body.include_usage)
-        records = await self.service.generate(requests, first_id=rid, messages=messages)
+            context = body.context(messages=messages)
+            return await self._sse(requests, rid, context, chunk, usage_chunk, body)
+        records = await self.service.generate(requests, rid, body.context(messages=messages))
         return ChatCompletionResponse(
             id=response_id,
             model=body.model,
@@ -128,6 +150,33 @@ class OpenAIServing:
                 for i, g in enumerate(records)
             ],
             usage=Usage.of(records),
+            metadata=body.metadata,
+        )
+
+    def stored_chat(self, record: Generation) -> ChatCompletionResponse:
+        """A stored chat completion, as OpenAI's stored-completions API shows one."""
+        return ChatCompletionResponse(
+            id=f"chatcmpl-{record.id}",
+            created=int(record.created_at.timestamp()),
+            model=record.model,
+            choices=[
+                ChatChoice(
+                    index=0,
+                    message=AssistantMessage(content=record.completion),
+                    finish_reason=record.finish_reason,
+                )
+            ],
+            usage=Usage.of([record]),
+            metadata=record.metadata,
+        )
+
+    def stored_chats(self, records: list[Generation], has_more: bool) -> ChatCompletionList:
+        data = [self.stored_chat(r) for r in records]
+        return ChatCompletionList(
+            data=data,
+            first_id=data[0].id if data else None,
+            last_id=data[-1].id if data else None,
+            has_more=has_more,
         )
 
     # -- streaming ---------------------------------------------------------------------------
@@ -135,12 +184,13 @@ class OpenAIServing:
         self,
         requests: list[GenerationRequest],
         rid: str,
-        messages: list[dict[str, str]] | None,
+        context: dict[str, Any],
         chunk: Callable[[int, TextDelta | Generation, int], dict[str, Any]],
         usage_chunk: dict[str, Any],
-        include_usage: bool,
+        body: CompletionRequest | ChatCompletionRequest,
     ) -> StreamingResponse:
-        events = self.merged(requests, rid, messages)
+        events = self.merged(requests, rid, context)
+        include_usage = body.include_usage
         first = await anext(events)  # errors up to here are plain HTTP errors
         created = int(time.time())
 
@@ -166,7 +216,7 @@ class OpenAIServing:
         return StreamingResponse(frames(), media_type="text/event-stream")
 
     async def merged(
-        self, requests: list[GenerationRequest], rid: str, messages: list[dict[str, str]] | None
+        self, requests: list[GenerationRequest], rid: str, context: dict[str, Any]
     ) -> AsyncIterator[Event]:
         """Every choice's stream, interleaved as they produce; the first choice's record takes
         the response's id. Closing this stops every choice (the client went away)."""
@@ -175,7 +225,7 @@ class OpenAIServing:
         async def pump(i: int, request: GenerationRequest) -> None:
             try:
                 name = rid if i == 0 else None
-                async for item in self.service.stream(request, name, messages):
+                async for item in self.service.stream(request, name, context):
                     queue.put_nowait((i, item))
             except Exception as exc:
                 queue.put_nowait((i, exc))
