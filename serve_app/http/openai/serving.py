@@ -24,15 +24,12 @@ from serve_app.http.errors import sse_error
 from serve_app.http.openai.protocol import (
     AssistantMessage,
     ChatChoice,
-    ChatChunkChoice,
-    ChatCompletionChunk,
     ChatCompletionList,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
-    DeltaMessage,
     ModelCard,
     ModelListResponse,
     Usage,
@@ -89,12 +86,19 @@ class OpenAIServing:
         if body.stream:
 
             def chunk(i: int, item: TextDelta | Generation, created: int) -> dict[str, Any]:
-                text = item.text if isinstance(item, TextDelta) else ""
-                finish = item.finish_reason if isinstance(item, Generation) else None
-                choice = CompletionChoice(index=i, text=text, finish_reason=finish)
-                return CompletionResponse(
-                    id=response_id, created=created, model=body.model, choices=[choice]
-                ).model_dump(exclude_none=True)
+                # A plain dict, not the pydantic model: built for every token of every stream.
+                choice: dict[str, Any] = {"index": i, "text": ""}
+                if isinstance(item, TextDelta):
+                    choice["text"] = item.text
+                else:
+                    choice["finish_reason"] = item.finish_reason
+                return {
+                    "id": response_id,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": body.model,
+                    "choices": [choice],
+                }
 
             usage_chunk = {"id": response_id, "object": "text_completion", "choices": []}
             return await self._sse(requests, rid, body.context(), chunk, usage_chunk, body)
@@ -122,17 +126,22 @@ class OpenAIServing:
             started: set[int] = set()
 
             def chunk(i: int, item: TextDelta | Generation, created: int) -> dict[str, Any]:
-                delta = DeltaMessage()
+                delta: dict[str, str] = {}
                 if i not in started:  # a choice's first chunk names the role
                     started.add(i)
-                    delta.role = "assistant"
+                    delta["role"] = "assistant"
+                choice: dict[str, Any] = {"index": i, "delta": delta}
                 if isinstance(item, TextDelta):
-                    delta.content = item.text
-                finish = item.finish_reason if isinstance(item, Generation) else None
-                choice = ChatChunkChoice(index=i, delta=delta, finish_reason=finish)
-                return ChatCompletionChunk(
-                    id=response_id, created=created, model=body.model, choices=[choice]
-                ).model_dump(exclude_none=True)
+                    delta["content"] = item.text
+                else:
+                    choice["finish_reason"] = item.finish_reason
+                return {
+                    "id": response_id,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": body.model,
+                    "choices": [choice],
+                }
 
             usage_chunk = {"id": response_id, "object": "chat.completion.chunk", "choices": []}
             context = body.context(messages=messages)
@@ -197,13 +206,11 @@ class OpenAIServing:
         async def frames() -> AsyncIterator[str]:
             finals: list[Generation] = []
             try:
-                event: Event | None = first
-                while event is not None:
-                    index, item = event
-                    if isinstance(item, Generation):
-                        finals.append(item)
-                    yield sse(chunk(index, item, created))
-                    event = await anext(events, None)
+                batch: list[Event] | None = first
+                while batch is not None:
+                    finals += [item for _, item in batch if isinstance(item, Generation)]
+                    yield "".join(sse(chunk(index, item, created)) for index, item in batch)
+                    batch = await anext(events, None)
                 if include_usage:
                     usage = Usage.of(finals).model_dump()
                     yield sse({**usage_chunk, "created": created, "usage": usage})
@@ -217,9 +224,10 @@ class OpenAIServing:
 
     async def merged(
         self, requests: list[GenerationRequest], rid: str, context: dict[str, Any]
-    ) -> AsyncIterator[Event]:
-        """Every choice's stream, interleaved as they produce; the first choice's record takes
-        the response's id. Closing this stops every choice (the client went away)."""
+    ) -> AsyncIterator[list[Event]]:
+        """Every choice's stream, interleaved as they produce, in batches of what is ready
+        (a choice's queued deltas merged into one); the first choice's record takes the
+        response's id. Closing this stops every choice (the client went away)."""
         queue: asyncio.Queue[tuple[int, TextDelta | Generation | BaseException]] = asyncio.Queue()
 
         async def pump(i: int, request: GenerationRequest) -> None:
@@ -234,11 +242,26 @@ class OpenAIServing:
         try:
             done = 0
             while done < len(tasks):
-                i, item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                done += isinstance(item, Generation)
-                yield i, item
+                ready = [await queue.get()]
+                while not queue.empty():
+                    ready.append(queue.get_nowait())
+                batch: list[Event] = []
+                for i, item in ready:
+                    if isinstance(item, BaseException):
+                        raise item
+                    done += isinstance(item, Generation)
+                    last = batch[-1] if batch else None
+                    if (
+                        last
+                        and last[0] == i
+                        and isinstance(last[1], TextDelta)
+                        and isinstance(item, TextDelta)
+                    ):
+                        merged = TextDelta(last[1].text + item.text, item.completion_tokens)
+                        batch[-1] = (i, merged)
+                    else:
+                        batch.append((i, item))
+                yield batch
         finally:
             for task in tasks:
                 task.cancel()
