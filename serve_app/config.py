@@ -148,6 +148,16 @@ class BatchingConfig(_Strict):
         description="Longest a newcomer is held for company before it is admitted anyway. An "
         "idle model admits at once, so a lone request never waits.",
     )
+    stream_messages_per_step: int = Field(
+        default=8,
+        ge=1,
+        le=256,
+        description="How many streams may send text after one decode step. With more streams "
+        "than this, each sends every few steps (its text accumulates meanwhile; the first text "
+        "always goes at once): every message crosses Ray and the HTTP proxy, and at 32 streams "
+        "one per token cost about a fifth of the decode throughput on 2 cores. vLLM's "
+        "`stream_interval` is the same trade-off.",
+    )
     single_thread_max_rows: int = Field(
         default=0,
         ge=0,

@@ -96,6 +96,7 @@ class Generator:
         self._scheduler.admit_min_rows = config.admit_min_rows
         self._scheduler.admit_max_wait_s = config.admit_max_wait_s
         self._threads.single_thread_max_rows = config.single_thread_max_rows
+        self._scheduler.stream_messages_per_step = config.stream_messages_per_step
         self._admit.set_max_batch_size(config.max_batch_size)
         self._admit.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         logger.info("Generator batching: %s", config)

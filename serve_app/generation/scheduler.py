@@ -19,6 +19,7 @@ replica's health check fails and Ray replaces it).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 import time
@@ -55,6 +56,8 @@ class _Job:
     submitted: float = field(default_factory=time.perf_counter)
     admitted: float = 0.0
     handed_over: bool = False  # given to `_start`, which answers it from then on
+    streamed_text: bool = False  # some text has been sent (the first goes at once)
+    slot: int = 0  # spreads the steps streams send on
     channel: asyncio.Queue | None = None  # streamed: TextDelta items, then the outcome
 
 
@@ -101,6 +104,8 @@ class Scheduler:
         self.admit_min_rows = admit_min_rows
         self.admit_max_wait_s = admit_max_wait_s
         self.threads = threads  # None: leave torch's thread count alone
+        self.stream_messages_per_step = 8  # see BatchingConfig
+        self._slots = itertools.count()
         self.observer = observer
         self.stats = SchedulerStats()
         self._pending: deque[_Job] = deque()
@@ -133,6 +138,8 @@ class Scheduler:
         return job.channel, job.future
 
     def _enqueue(self, jobs: list[_Job]) -> None:
+        for job in jobs:
+            job.slot = next(self._slots)
         with self._lock:
             if self._dead:
                 raise GenerationFailedError("the generator's decode loop has stopped")
@@ -319,12 +326,21 @@ class Scheduler:
         self._notify("stepped", model_id, len(rows), elapsed)
 
     def _deliver(self, rows: list, jobs: dict[int, _Job], model_id: str) -> None:
-        """Answer the rows that finished and stream new text, before the next forward pass."""
+        """Answer the rows that finished and stream new text, before the next forward pass.
+
+        With more streams than `stream_messages_per_step`, a stream sends every `every` steps
+        (its first text and its end at once): the messages per step stay bounded."""
+        streams = sum(jobs[id(r)].channel is not None for r in rows if id(r) in jobs)
+        every = -(-streams // self.stream_messages_per_step)  # ceil
+        step = self.stats.steps
         for row in rows:
             if row.finish is None:
                 job = jobs[id(row)]
-                if job.channel is not None:
-                    _send(job, row.text.take(), len(row.tokens), len(row.prompt_ids))
+                due = not job.streamed_text or (step + job.slot) % every == 0
+                if job.channel is not None and due:
+                    job.streamed_text |= _send(
+                        job, row.text.take(), len(row.tokens), len(row.prompt_ids)
+                    )
                 continue
             job = jobs.pop(id(row))
             result = job.decoder.result(job.request, row)
@@ -335,11 +351,13 @@ class Scheduler:
             _resolve(job, result)
 
 
-def _send(job: _Job, text: str, completion_tokens: int, prompt_tokens: int) -> None:
-    """Hand a streamed job the text decoded since the last delta (none: nothing to send)."""
-    if text:
-        delta = TextDelta(text, completion_tokens, prompt_tokens)
-        job.loop.call_soon_threadsafe(job.channel.put_nowait, delta)
+def _send(job: _Job, text: str, completion_tokens: int, prompt_tokens: int) -> bool:
+    """Hand a streamed job the text decoded since the last delta; False: there was none."""
+    if not text:
+        return False
+    delta = TextDelta(text, completion_tokens, prompt_tokens)
+    job.loop.call_soon_threadsafe(job.channel.put_nowait, delta)
+    return True
 
 
 def _resolve(job: _Job, outcome: Generation | BaseException) -> None:

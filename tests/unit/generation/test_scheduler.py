@@ -184,6 +184,23 @@ async def test_a_streamed_request_shares_the_batch_and_its_deltas_make_the_text(
     assert scheduler.stats.max_rows == 2  # one batch for both
 
 
+async def test_many_streams_send_every_few_steps_and_lose_no_text(decoders):
+    d1, _ = decoders
+    s = Scheduler(max_batch_size=8)
+    s.stream_messages_per_step = 2  # 6 streams: each sends every third step
+    try:
+        requests = [
+            GenerationRequest("m1", f"stream {i}", SamplingParams(max_new_tokens=18), stream=True)
+            for i in range(6)
+        ]
+        outcomes = await asyncio.gather(*(collect(s.submit_stream(d1, r)[0]) for r in requests))
+    finally:
+        s.stop()
+    for request, (deltas, final) in zip(requests, outcomes, strict=True):
+        assert "".join(d.text for d in deltas) == final.completion == lone(d1, request)
+        assert 2 <= len(deltas) <= final.completion_tokens // 2  # fewer messages than tokens
+
+
 async def test_a_streamed_stop_string_is_never_sent(decoders, scheduler):
     d1, _ = decoders
     full = lone(d1, req("streamed stop", max_new_tokens=20))

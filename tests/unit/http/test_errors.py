@@ -1,10 +1,12 @@
 """The one error mapper: every failure a route raises leaves as JSON with X-Response-Time."""
 
+import json
+
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from serve_app.errors import PromptTooLongError, UnknownModelError
-from serve_app.http.errors import install_error_handlers
+from serve_app.http.errors import install_error_handlers, sse_error
 
 
 class WrappedError(Exception):
@@ -73,3 +75,12 @@ def test_openai_routes_answer_in_openai_shape():
     r = client.get("/v1/boom")
     assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
     assert "passwd" not in r.text
+
+
+def test_an_error_after_a_stream_started_is_its_last_event():
+    frame = sse_error(WrappedError(PromptTooLongError("too long", limit=512)), openai=True)
+    assert frame.startswith("data: ") and frame.endswith("\n\n")
+    body = json.loads(frame[len("data: ") :])
+    assert body["error"]["code"] == "context_length_exceeded"
+    plain = json.loads(sse_error(RuntimeError("/secret/path"), openai=False)[len("data: ") :])
+    assert plain == {"error": {"type": "internal_error", "message": "internal server error"}}
