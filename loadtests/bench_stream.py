@@ -153,8 +153,8 @@ async def run_service(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=float, default=12.0, help="measured seconds/window")
-    parser.add_argument("--pairs", type=int, default=3, help="plain/streamed pairs at 32 users")
+    parser.add_argument("--duration", type=float, default=15.0, help="measured seconds/window")
+    parser.add_argument("--pairs", type=int, default=5, help="plain/streamed pairs at 32 users")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "stream.json")
     parser.add_argument("--workdir", type=Path, default=ROOT / "bench-results" / "stream-app")
     ns = parser.parse_args()
