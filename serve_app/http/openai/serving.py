@@ -20,7 +20,6 @@ from fastapi.responses import StreamingResponse
 
 from serve_app.domain import Generation, GenerationRequest, TextDelta, new_id
 from serve_app.errors import InvalidRequestError
-from serve_app.http.errors import sse_error
 from serve_app.http.openai.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -36,7 +35,7 @@ from serve_app.http.openai.protocol import (
     check_metadata,
 )
 from serve_app.http.serving import GenerationService
-from serve_app.http.streaming import sse
+from serve_app.http.streaming import sse, sse_response
 
 Event = tuple[int, TextDelta | Generation]  # (choice index, what it produced)
 ID_PREFIXES = ("chatcmpl-", "cmpl-")
@@ -198,29 +197,20 @@ class OpenAIServing:
         usage_chunk: dict[str, Any],
         body: CompletionRequest | ChatCompletionRequest,
     ) -> StreamingResponse:
-        events = self.merged(requests, rid, context)
-        include_usage = body.include_usage
-        first = await anext(events)  # errors up to here are plain HTTP errors
         created = int(time.time())
+        finals: list[Generation] = []
 
-        async def frames() -> AsyncIterator[str]:
-            finals: list[Generation] = []
-            try:
-                batch: list[Event] | None = first
-                while batch is not None:
-                    finals += [item for _, item in batch if isinstance(item, Generation)]
-                    yield "".join(sse(chunk(index, item, created)) for index, item in batch)
-                    batch = await anext(events, None)
-                if include_usage:
-                    usage = Usage.of(finals).model_dump()
-                    yield sse({**usage_chunk, "created": created, "usage": usage})
-                yield "data: [DONE]\n\n"
-            except Exception as exc:
-                yield sse_error(exc, openai=True)
-            finally:
-                await events.aclose()
+        def render(batch: list[Event]) -> str:
+            finals.extend(item for _, item in batch if isinstance(item, Generation))
+            return "".join(sse(chunk(index, item, created)) for index, item in batch)
 
-        return StreamingResponse(frames(), media_type="text/event-stream")
+        def usage() -> str:
+            if not body.include_usage:
+                return ""
+            return sse({**usage_chunk, "created": created, "usage": Usage.of(finals).model_dump()})
+
+        events = self.merged(requests, rid, context)
+        return await sse_response(events, render, openai=True, tail=usage)
 
     async def merged(
         self, requests: list[GenerationRequest], rid: str, context: dict[str, Any]
