@@ -73,5 +73,24 @@ db-purge: install
 bench-persistence: install
 	$(BIN)/python loadtests/bench_persistence.py
 
+# Local Prometheus scraping the running cluster's metrics (Debian's package, installed when
+# missing). The Ray dashboard's Metrics view reads it when Ray starts with
+# RAY_PROMETHEUS_HOST=http://127.0.0.1:$(PROM_PORT) (see the README's "Operating it").
+PROM_PORT ?= 9090
+PROM_DIR  := data/prometheus
+.PHONY: observe observe-stop
+observe:
+	@command -v prometheus >/dev/null || (apt-get update -qq && apt-get install -y -qq prometheus)
+	mkdir -p $(PROM_DIR)
+	@if [ -f $(PROM_DIR)/pid ] && kill -0 $$(cat $(PROM_DIR)/pid) 2>/dev/null; then \
+		echo "already running"; else \
+		nohup prometheus --config.file=configs/prometheus.yml --storage.tsdb.path=$(PROM_DIR) \
+			--web.listen-address=127.0.0.1:$(PROM_PORT) > $(PROM_DIR)/prometheus.log 2>&1 & \
+		echo $$! > $(PROM_DIR)/pid; fi
+	@echo "Prometheus: http://127.0.0.1:$(PROM_PORT)  (Grafana dashboard: deploy/grafana/serve-gpt2.json; stop: make observe-stop)"
+
+observe-stop:
+	@if [ -f $(PROM_DIR)/pid ]; then kill $$(cat $(PROM_DIR)/pid) 2>/dev/null; rm -f $(PROM_DIR)/pid; fi
+
 clean:
 	rm -rf $(VENV) data .pytest_cache .ruff_cache *.egg-info

@@ -304,6 +304,11 @@ class AppArgs(_Strict):
         default=False,
         description="Never contact the Hugging Face hub (also set by env HF_HUB_OFFLINE=1).",
     )
+    log_prompts: bool = Field(
+        default=False,
+        description="Put prompt text in the per-request log lines (off: prompts never reach the "
+        "logs, only their counts and token numbers).",
+    )
     cache: CacheOptions = Field(default_factory=CacheOptions)
     generator: GeneratorOptions = Field(default_factory=GeneratorOptions)
     persistence: PersistenceOptions = Field(default_factory=PersistenceOptions)

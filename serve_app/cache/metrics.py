@@ -12,9 +12,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from ray.serve.metrics import Counter, Gauge
-
 from serve_app.cache.breaker import STATE_LEVEL, BreakerState
+from serve_app.telemetry.metrics import metric
 
 logger = logging.getLogger("ray.serve").getChild(__name__)
 
@@ -44,20 +43,13 @@ class CacheMetrics:
     def __init__(self, stats: Callable[[], dict[str, Any]], interval_s: float = 2.0) -> None:
         self.stats = stats
         self.interval_s = interval_s
-        tier = ("tier",)
         self.counters = {
-            "hits": Counter("gpt2serve_cache_hits", "Prompts answered from cache.", tier),
-            "misses": Counter("gpt2serve_cache_misses", "Cache lookups that missed.", tier),
-            "coalesced": Counter(
-                "gpt2serve_cache_coalesced", "Prompts that waited for an identical one.", tier
-            ),
-            "redis_errors": Counter("gpt2serve_cache_redis_errors", "Failed Redis calls.", tier),
+            name: metric(f"gpt2serve_cache_{name}")
+            for name in ("hits", "misses", "coalesced", "redis_errors")
         }
-        self.breaker = Gauge(
-            "gpt2serve_cache_breaker_state", "Redis circuit breaker: 0 closed, 1 half-open, 2 open."
-        )
-        self.l1_entries = Gauge("gpt2serve_cache_l1_entries", "Entries in this replica's L1.")
-        self.l1_bytes = Gauge("gpt2serve_cache_l1_bytes", "Estimated bytes in this replica's L1.")
+        self.breaker = metric("gpt2serve_cache_breaker_state")
+        self.l1_entries = metric("gpt2serve_cache_l1_entries")
+        self.l1_bytes = metric("gpt2serve_cache_l1_bytes")
         self._exported: dict[tuple[str, str], int] = {}
 
     def export(self) -> None:

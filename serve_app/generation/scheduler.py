@@ -40,11 +40,13 @@ logger = logging.getLogger("ray.serve").getChild(__name__)
 class SchedulerObserver(Protocol):
     """Receives what metrics need; called on the decode thread, so it must be cheap."""
 
-    def admitted(self, model_id: str, queue_wait_s: float) -> None: ...
+    def admitted(self, model_id: str, queue_wait_s: float, prompt_tokens: int) -> None: ...
 
     def stepped(self, model_id: str, rows: int, seconds: float) -> None: ...
 
     def finished(self, model_id: str, completion_tokens: int) -> None: ...
+
+    def occupancy(self, running: int, waiting: int) -> None: ...
 
 
 @dataclass
@@ -106,6 +108,7 @@ class Scheduler:
         self.threads = threads  # None: leave torch's thread count alone
         self.stream_messages_per_step = 8  # see BatchingConfig
         self._slots = itertools.count()
+        self._occupancy = (0, 0)  # (running, waiting) as last told to the observer
         self.observer = observer
         self.stats = SchedulerStats()
         self._pending: deque[_Job] = deque()
@@ -176,6 +179,10 @@ class Scheduler:
                 self._admit()
                 self.stats.admit_s += time.perf_counter() - started
                 active = [entry for entry in self._running.values() if entry[0].rows]
+                occupancy = (sum(len(b) for b, _ in active), len(self._pending))
+                if occupancy != self._occupancy:
+                    self._occupancy = occupancy
+                    self._notify("occupancy", *occupancy)
                 if not active:
                     started = time.perf_counter()
                     self._wake.wait(timeout=1.0)
@@ -280,9 +287,10 @@ class Scheduler:
             job = jobs[row.index]
             job.admitted = now
             running[id(row)] = job
+            wait = now - job.submitted
             self.stats.admitted += 1
-            self.stats.queue_wait_s += now - job.submitted
-            self._notify("admitted", job.request.model, now - job.submitted)
+            self.stats.queue_wait_s += wait
+            self._notify("admitted", job.request.model, wait, len(row.prompt_ids))
         if rows:
             self.stats.prefills += 1
 

@@ -52,6 +52,7 @@ from serve_app.http.schemas import (
 from serve_app.http.serving import GenerationService, ModelCatalog
 from serve_app.http.streaming import stream_generation
 from serve_app.models.resolve import resolve_model
+from serve_app.telemetry.requests import RequestTelemetry, install_request_log
 
 logger = logging.getLogger("ray.serve").getChild(__name__)
 
@@ -62,6 +63,7 @@ api = FastAPI(
     responses={code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 422, 503)},
 )
 install_error_handlers(api)
+install_request_log(api)  # after the error handlers: it logs what they answered
 
 HEALTH_TIMEOUT_S = 2.0
 
@@ -110,6 +112,7 @@ class Ingress:
             self.catalog,
             self.cache,
             HandleBackend(generator, store, args.persistence.write_timeout_s),
+            RequestTelemetry(args.log_prompts),
         )
         self.openai = OpenAIServing(self.service)
 

@@ -33,6 +33,27 @@ class Backend(Protocol):
     async def record(self, records: list[Generation]) -> list[Generation]: ...
 
 
+class Telemetry(Protocol):
+    """Where the service reports what a request got (metrics, the request log)."""
+
+    def answered(self, records: list[Generation]) -> None: ...
+
+    def first_token(self, model: str, seconds: float) -> None: ...
+
+    def token_gap(self, model: str, seconds_per_token: float) -> None: ...
+
+
+class _NoTelemetry:
+    def answered(self, records: list[Generation]) -> None:
+        pass
+
+    def first_token(self, model: str, seconds: float) -> None:
+        pass
+
+    def token_gap(self, model: str, seconds_per_token: float) -> None:
+        pass
+
+
 @dataclass
 class Counters:
     requests: int = 0
@@ -106,8 +127,10 @@ class GenerationService:
         catalog: ModelCatalog,
         cache: TieredCache,
         backend: Backend,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.args = args
+        self.telemetry = telemetry or _NoTelemetry()
         self.catalog = catalog
         self.cache = cache
         self.backend = backend
@@ -175,7 +198,9 @@ class GenerationService:
             for i, (r, answer) in enumerate(zip(requests, served, strict=True))
         ]
         # Durable, then answered: a client never sees an id that is not stored.
-        return await self.backend.record(records)
+        stored = await self.backend.record(records)
+        self.telemetry.answered(stored)
+        return stored
 
     async def stream(
         self,
@@ -208,13 +233,21 @@ class GenerationService:
 
         text: list[str] = []
         tokens, prompt_tokens, ttft_ms = 0, 0, None
+        last = started
         final: Generation | None = None
         try:
             async for item in self.backend.stream(request):
                 if isinstance(item, Generation):
                     final = item
                     break
-                ttft_ms = ttft_ms if ttft_ms is not None else _ms(started)
+                now = time.perf_counter()
+                if ttft_ms is None:
+                    ttft_ms = (now - started) * 1000
+                    self.telemetry.first_token(model, now - started)
+                elif item.completion_tokens > tokens:
+                    per_token = (now - last) / (item.completion_tokens - tokens)
+                    self.telemetry.token_gap(model, per_token)
+                last = now
                 text.append(item.text)
                 tokens, prompt_tokens = item.completion_tokens, item.prompt_tokens
                 yield item
@@ -248,6 +281,7 @@ class GenerationService:
         (stored,) = await self.backend.record(
             [record.replace(latency_ms=_ms(started), id=record_id)]
         )
+        self.telemetry.answered([stored])
         return stored
 
     def _background(self, work: Any) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta, timezone
@@ -28,6 +29,7 @@ from serve_app.domain import Generation, Receipt
 from serve_app.errors import DependencyUnavailableError
 from serve_app.storage.group_commit import GroupCommitter
 from serve_app.storage.store import Store
+from serve_app.telemetry.metrics import metric
 
 logger = logging.getLogger("ray.serve").getChild(__name__)
 
@@ -78,8 +80,16 @@ class Persistence:
 
     async def _insert(self, rows: list[Generation]) -> list[Generation]:
         store = await self._store()
-        async with _database_errors("storing records"):
-            return await store.insert_many(rows)
+        started = time.perf_counter()
+        try:
+            async with _database_errors("storing records"):
+                stored = await store.insert_many(rows)
+        except Exception:
+            metric("gpt2serve_persistence_write_errors").inc()
+            raise
+        metric("gpt2serve_persistence_commit_seconds").observe(time.perf_counter() - started)
+        metric("gpt2serve_persistence_rows_per_commit").observe(len(rows))
+        return stored
 
     async def record(self, rows: list[Generation]) -> list[Receipt]:
         """Store `rows`; returns one receipt per row, in order, once they have committed."""

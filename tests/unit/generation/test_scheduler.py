@@ -121,7 +121,7 @@ async def test_a_failing_observer_fails_no_request(decoders):
         def admitted(self, *args: object) -> None:
             raise RuntimeError("metrics backend down")
 
-        stepped = finished = admitted
+        stepped = finished = occupancy = admitted
 
     d1, _ = decoders
     s = Scheduler(max_batch_size=4, observer=Broken())
@@ -311,13 +311,16 @@ class _ThreadsSeen:
         self.steps: list[tuple[int, int]] = []  # (rows, threads)
         self.prefill_threads: list[int] = []
 
-    def admitted(self, model_id: str, queue_wait_s: float) -> None:
+    def admitted(self, model_id: str, queue_wait_s: float, prompt_tokens: int) -> None:
         self.prefill_threads.append(torch.get_num_threads())
 
     def stepped(self, model_id: str, rows: int, seconds: float) -> None:
         self.steps.append((rows, torch.get_num_threads()))
 
     def finished(self, model_id: str, completion_tokens: int) -> None:
+        pass
+
+    def occupancy(self, running: int, waiting: int) -> None:
         pass
 
 
