@@ -310,7 +310,9 @@ async def closed_loop(
 
 
 def dashboard_url(log: Path) -> str:
-    match = re.search(r"dashboard at (?:http://)?([\d.]+:\d+)", log.read_text(errors="replace"))
+    # Ray colours the address (ANSI escapes between "at " and the URL).
+    text = re.sub(r"\x1b\[[0-9;]*m", "", log.read_text(errors="replace"))
+    match = re.search(r"dashboard at (?:http://)?([\d.]+:\d+)", text)
     return f"http://{match.group(1)}" if match else "http://127.0.0.1:8265"
 
 
