@@ -251,10 +251,11 @@ class GenerationService:
                 text.append(item.text)
                 tokens, prompt_tokens = item.completion_tokens, item.prompt_tokens
                 yield item
-        finally:
-            if final is None and (text or tokens):
-                # Cancelled mid-stream: keep what the client was sent. Not awaited here (this
-                # generator is being closed); the task holds its own reference.
+        except (GeneratorExit, asyncio.CancelledError):
+            # The client went away mid-stream: keep what it was sent. Not awaited here (this
+            # generator is being closed); the task holds its own reference. (A failure of
+            # the generator is no cancellation: the client gets the error as the last event.)
+            if text or tokens:
                 partial = Generation(
                     model=model,
                     prompt=request.prompt,
@@ -269,6 +270,7 @@ class GenerationService:
                     **context,
                 )
                 self._background(self._record_one(partial, started, record_id))
+            raise
         self.counters.generations += 1
         self.catalog.served(model, final.model_revision)
         if key is not None and final.model_revision == revision:

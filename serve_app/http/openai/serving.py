@@ -41,6 +41,14 @@ Event = tuple[int, TextDelta | Generation]  # (choice index, what it produced)
 ID_PREFIXES = ("chatcmpl-", "cmpl-")
 
 
+def _chunk(
+    response_id: str, kind: str, created: int, model: str, choice: dict[str, Any]
+) -> dict[str, Any]:
+    """One SSE chunk, built as a plain dict (it is built for every message of every stream)."""
+    return {"id": response_id, "object": kind, "created": created, "model": model,
+            "choices": [choice]}  # fmt: skip
+
+
 def metadata_filter(request: Request) -> dict[str, str] | None:
     """`metadata[key]=value` query parameters (as the openai client sends a metadata filter)."""
     pairs = {
@@ -85,19 +93,12 @@ class OpenAIServing:
         if body.stream:
 
             def chunk(i: int, item: TextDelta | Generation, created: int) -> dict[str, Any]:
-                # A plain dict, not the pydantic model: built for every token of every stream.
                 choice: dict[str, Any] = {"index": i, "text": ""}
                 if isinstance(item, TextDelta):
                     choice["text"] = item.text
                 else:
                     choice["finish_reason"] = item.finish_reason
-                return {
-                    "id": response_id,
-                    "object": "text_completion",
-                    "created": created,
-                    "model": body.model,
-                    "choices": [choice],
-                }
+                return _chunk(response_id, "text_completion", created, body.model, choice)
 
             usage_chunk = {"id": response_id, "object": "text_completion", "choices": []}
             return await self._sse(requests, rid, body.context(), chunk, usage_chunk, body)
@@ -134,13 +135,7 @@ class OpenAIServing:
                     delta["content"] = item.text
                 else:
                     choice["finish_reason"] = item.finish_reason
-                return {
-                    "id": response_id,
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": body.model,
-                    "choices": [choice],
-                }
+                return _chunk(response_id, "chat.completion.chunk", created, body.model, choice)
 
             usage_chunk = {"id": response_id, "object": "chat.completion.chunk", "choices": []}
             context = body.context(messages=messages)
