@@ -85,6 +85,14 @@ class GenerationFailedError(ServeError):
     error_type = "internal_error"
 
 
+class GeneratorUnavailableError(ServeError):
+    """The generator replica cannot take the request (its decode loop has stopped): Ray replaces
+    the replica; the client may retry."""
+
+    status_code = 503
+    error_type = "generator_unavailable"
+
+
 class DependencyUnavailableError(ServeError):
     status_code = 503
     error_type = "dependency_unavailable"

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from serve_app.domain import Generation, GenerationRequest, TextDelta
-from serve_app.errors import GenerationFailedError
+from serve_app.errors import GenerationFailedError, GeneratorUnavailableError
 
 if TYPE_CHECKING:
     from serve_app.generation.engine import BatchDecoder, DecodeBatch
@@ -145,7 +145,7 @@ class Scheduler:
             job.slot = next(self._slots)
         with self._lock:
             if self._dead:
-                raise GenerationFailedError("the generator's decode loop has stopped")
+                raise GeneratorUnavailableError("the generator's decode loop has stopped")
             self._pending.extend(jobs)
         self._wake.set()
 
@@ -215,7 +215,7 @@ class Scheduler:
         for _, running in self._running.values():
             jobs.extend(running.values())
         for job in jobs:
-            _resolve(job, GenerationFailedError("the generator's decode loop has stopped"))
+            _resolve(job, GeneratorUnavailableError("the generator's decode loop has stopped"))
 
     def _admit(self) -> None:
         """Move pending jobs into their model's batch while it has room.

@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Header, Path, Query, Request, Response
+from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -27,8 +28,9 @@ from serve_app.errors import (
     UnauthorizedError,
 )
 from serve_app.http.backend import HandleBackend, call
-from serve_app.http.errors import install_error_handlers
+from serve_app.http.errors import as_serve_error, install_error_handlers
 from serve_app.http.etag import conditional_json
+from serve_app.http.health import readiness
 from serve_app.http.openai.protocol import (
     ChatCompletionList,
     ChatCompletionRequest,
@@ -69,11 +71,15 @@ HEALTH_TIMEOUT_S = 2.0
 
 
 async def _probe(response: Any) -> Any:
-    """A best-effort read for health and stats: a failure is reported, never raised."""
+    """A best-effort read for health and stats: a failure is reported, never raised, and in
+    words that show no internals (no exception class names, paths or tracebacks)."""
     try:
         return await asyncio.wait_for(response, HEALTH_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        return {"status": "unavailable", "error": f"no answer within {HEALTH_TIMEOUT_S:g} s"}
     except Exception as exc:
-        return {"status": "unavailable", "error": type(exc).__name__}
+        known = as_serve_error(exc)
+        return {"status": "unavailable", "error": known.message if known else "unreachable"}
 
 
 @serve.deployment
@@ -245,16 +251,17 @@ class Ingress:
         return {"status": "ok"}
 
     @api.get("/healthz")
-    async def healthz(self) -> dict[str, Any]:
+    async def healthz(self) -> JSONResponse:
+        """Ready: 200 ("ok", or "degraded" when only Redis is down: answers go on without
+        the cache), 503 naming what is down when the generator or the database is."""
         redis, database, generator = await asyncio.gather(
             self.cache.health(),
             _probe(self.store.health.remote()),
             _probe(self.generator.health.remote()),
         )
         redis["mode"] = self.redis_mode
-        parts = {"redis": redis, "database": database, "generator": generator}
-        healthy = all(p.get("status") in ("ok", "disabled") for p in parts.values())
-        return {"status": "ok" if healthy else "degraded", **parts}
+        status, body = readiness({"redis": redis, "database": database, "generator": generator})
+        return JSONResponse(body, status_code=status)
 
     @api.get("/stats")
     async def stats(self) -> dict[str, Any]:

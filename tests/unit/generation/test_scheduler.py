@@ -12,7 +12,7 @@ import torch
 
 from serve_app.config import ModelSpec
 from serve_app.domain import Generation, GenerationRequest, SamplingParams, TextDelta
-from serve_app.errors import GenerationFailedError, PromptTooLongError
+from serve_app.errors import GenerationFailedError, GeneratorUnavailableError, PromptTooLongError
 from serve_app.generation.engine import BatchDecoder
 from serve_app.generation.scheduler import Scheduler
 from serve_app.generation.threads import ThreadBudget, torch_side_executor
@@ -148,10 +148,11 @@ async def test_a_dead_decode_loop_answers_what_it_held_and_refuses_more(decoders
 
     monkeypatch.setattr(s, "_step", die)
     for future in long_futures:
-        with pytest.raises(GenerationFailedError):
+        with pytest.raises(GeneratorUnavailableError) as err:
             await asyncio.wait_for(future, 30)
+        assert err.value.status_code == 503  # at once, not a hang; Ray replaces the replica
     await until(lambda: not s.alive)
-    with pytest.raises(GenerationFailedError):
+    with pytest.raises(GeneratorUnavailableError):
         s.submit(d1, [req("too late")])
 
 
