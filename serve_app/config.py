@@ -304,6 +304,13 @@ class AppArgs(_Strict):
         default=False,
         description="Never contact the Hugging Face hub (also set by env HF_HUB_OFFLINE=1).",
     )
+    max_body_bytes: int = Field(
+        default=1 << 20,
+        ge=1024,
+        le=64 << 20,
+        description="Largest request body the ingress reads; a larger one is a 413 before any "
+        "parsing.",
+    )
     log_prompts: bool = Field(
         default=False,
         description="Put prompt text in the per-request log lines (off: prompts never reach the "

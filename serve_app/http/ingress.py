@@ -31,6 +31,7 @@ from serve_app.http.backend import HandleBackend, call
 from serve_app.http.errors import as_serve_error, install_error_handlers
 from serve_app.http.etag import conditional_json
 from serve_app.http.health import readiness
+from serve_app.http.limits import BodyLimit, limit_body
 from serve_app.http.openai.protocol import (
     ChatCompletionList,
     ChatCompletionRequest,
@@ -64,6 +65,7 @@ api = FastAPI(
     version="0.1.0",
     responses={code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 422, 503)},
 )
+api.add_middleware(BodyLimit)  # innermost: the middlewares below time and log its 413s
 install_error_handlers(api)
 install_request_log(api)  # after the error handlers: it logs what they answered
 
@@ -89,6 +91,7 @@ class Ingress:
         from pathlib import Path as FsPath
 
         self.args = args
+        limit_body(api, args.max_body_bytes)
         self.generator = generator
         self.store = store
         standin_dir = FsPath(args.standin_dir or ".")

@@ -285,3 +285,14 @@ def test_a_vanishing_temperature_decodes_greedily(client):
         client, prompts=[prompt], max_new_tokens=6, temperature=1.25e-239, cache=False
     )
     assert tiny["completion"] == greedy["completion"]
+
+
+def test_a_body_over_the_cap_is_refused_before_it_is_parsed(client):
+    """1 MiB by default: 20 MB used to be read and parsed whole."""
+    big = b'{"prompts": ["' + b"x" * (2 << 20) + b'"]}'
+    r = client.post("/generate", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["type"] == "payload_too_large"
+    r = client.post("/v1/completions", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
+    (ok,) = generate(client, prompts=[unique("small")], max_new_tokens=2)
+    assert ok["usage"]["completion_tokens"] >= 1
