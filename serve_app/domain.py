@@ -149,6 +149,22 @@ class TextDelta:
     prompt_tokens: int = 0
 
 
+def merge_deltas(events: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
+    """`(key, item)` events with consecutive `TextDelta`s of one key merged into one (text
+    joined, the later token counts); anything else kept in its place. Streams send what
+    queued up while the last message was out as one message."""
+    out: list[tuple[Any, Any]] = []
+    for key, item in events:
+        if out and out[-1][0] == key and isinstance(item, TextDelta):
+            earlier = out[-1][1]
+            if isinstance(earlier, TextDelta):
+                joined = earlier.text + item.text
+                out[-1] = (key, TextDelta(joined, item.completion_tokens, item.prompt_tokens))
+                continue
+        out.append((key, item))
+    return out
+
+
 def new_id() -> str:
     """A UUIDv7 (RFC 9562) string: 48-bit Unix ms, then random bits, so ids sort by time."""
     ms = time.time_ns() // 1_000_000

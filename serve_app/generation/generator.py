@@ -20,7 +20,7 @@ from typing import Any
 from ray import serve
 
 from serve_app.config import AppArgs, BatchingConfig
-from serve_app.domain import Generation, GenerationRequest, TextDelta
+from serve_app.domain import Generation, GenerationRequest, TextDelta, merge_deltas
 from serve_app.errors import ServeError, UnknownModelError
 from serve_app.generation.metrics import GeneratorMetrics
 from serve_app.generation.scheduler import Scheduler
@@ -159,7 +159,7 @@ class Generator:
                 items = [await channel.get()]
                 while not channel.empty():
                     items.append(channel.get_nowait())
-                for item in _coalesced(items):
+                for _, item in merge_deltas([(None, item) for item in items]):
                     if isinstance(item, BaseException):
                         raise item
                     yield item
@@ -218,18 +218,6 @@ class Generator:
         """Ray's replica health check: a replica whose decode loop died is replaced."""
         if not self._scheduler.alive:
             raise RuntimeError("the decode loop has stopped")
-
-
-def _coalesced(items: list) -> list:
-    """Consecutive `TextDelta`s merged into one; anything else kept in its place."""
-    out: list = []
-    for item in items:
-        if isinstance(item, TextDelta) and out and isinstance(out[-1], TextDelta):
-            text = out[-1].text + item.text
-            out[-1] = TextDelta(text, item.completion_tokens, item.prompt_tokens)
-        else:
-            out.append(item)
-    return out
 
 
 def _failed(exc: BaseException) -> asyncio.Future:

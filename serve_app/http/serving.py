@@ -149,6 +149,20 @@ class GenerationService:
         self.counters.prompts += len(requests)
         return model
 
+    def _cache_keys(
+        self, model: str, requests: Sequence[GenerationRequest]
+    ) -> tuple[list[str], str]:
+        """The cache keys of `requests` and the revision they name, or no keys (counted as
+        bypassed or uncacheable) when the cache may not answer them."""
+        revision = self.catalog.revision(model)
+        if self.cache.enabled and all(r.cacheable for r in requests):
+            return [cache_key(self.args.cache.prefix, r, revision) for r in requests], revision
+        if not all(r.use_cache for r in requests):
+            self.counters.bypassed += len(requests)
+        elif self.cache.enabled:
+            self.counters.uncacheable += len(requests)
+        return [], revision
+
     async def generate(
         self,
         requests: Sequence[GenerationRequest],
@@ -169,9 +183,8 @@ class GenerationService:
             return result
 
         served: list[Served]
-        if self.cache.enabled and all(r.cacheable for r in requests):
-            revision = self.catalog.revision(model)
-            keys = [cache_key(self.args.cache.prefix, r, revision) for r in requests]
+        keys, revision = self._cache_keys(model, requests)
+        if keys:
             # Fresh answers are cached as soon as they exist, so identical requests waiting
             # on this one (here or on another replica) are released before recording. An
             # answer from other weights than the key names is returned but not cached.
@@ -179,14 +192,10 @@ class GenerationService:
                 keys, run, storable=lambda g: g.model_revision == revision
             )
         else:
-            if not all(r.use_cache for r in requests):
-                self.counters.bypassed += len(requests)
-            elif self.cache.enabled:
-                self.counters.uncacheable += len(requests)
             fresh = await asyncio.gather(*(run(i) for i in range(len(requests))))
             served = [Served(value, Source.GENERATED) for value in fresh]
 
-        latency_ms = (time.perf_counter() - started) * 1000
+        latency_ms = _ms(started)
         records = [
             answer.value.replace(
                 user_id=r.user_id,
@@ -214,10 +223,9 @@ class GenerationService:
         model = self._admit([request])
         started = time.perf_counter()
         context = {"user_id": request.user_id, **(context or {})}
-        key = None
-        if self.cache.enabled and request.cacheable:
-            revision = self.catalog.revision(model)
-            key = cache_key(self.args.cache.prefix, request, revision)
+        keys, revision = self._cache_keys(model, [request])
+        key = keys[0] if keys else None
+        if key is not None:
             hit = await self.cache.lookup(key)
             if hit is not None:
                 for piece in _pieces(hit.completion):
@@ -226,10 +234,6 @@ class GenerationService:
                     hit.replace(cached=True, ttft_ms=_ms(started), **context), started, record_id
                 )
                 return
-        elif not request.use_cache:
-            self.counters.bypassed += 1
-        elif self.cache.enabled:
-            self.counters.uncacheable += 1
 
         text: list[str] = []
         tokens, prompt_tokens, ttft_ms = 0, 0, None
@@ -242,7 +246,7 @@ class GenerationService:
                     break
                 now = time.perf_counter()
                 if ttft_ms is None:
-                    ttft_ms = (now - started) * 1000
+                    ttft_ms = _ms(started, now)
                     self.telemetry.first_token(model, now - started)
                 elif item.completion_tokens > tokens:
                     per_token = (now - last) / (item.completion_tokens - tokens)
@@ -269,7 +273,7 @@ class GenerationService:
                     ttft_ms=ttft_ms,
                     **context,
                 )
-                self._background(self._record_one(partial, started, record_id))
+                self.keep(self._record_one(partial, started, record_id))
             raise
         self.counters.generations += 1
         self.catalog.served(model, final.model_revision)
@@ -286,7 +290,9 @@ class GenerationService:
         self.telemetry.answered([stored])
         return stored
 
-    def _background(self, work: Any) -> None:
+    def keep(self, work: Any) -> None:
+        """Run `work` to its end in the background, even when the request that started it is
+        cancelled (the task is held here until it is done)."""
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -306,8 +312,8 @@ class GenerationService:
         }
 
 
-def _ms(started: float) -> float:
-    return (time.perf_counter() - started) * 1000
+def _ms(started: float, now: float | None = None) -> float:
+    return ((now or time.perf_counter()) - started) * 1000
 
 
 def _pieces(text: str, size: int = 32) -> list[str]:

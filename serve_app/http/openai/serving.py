@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from serve_app.domain import Generation, GenerationRequest, TextDelta, new_id
+from serve_app.domain import Generation, GenerationRequest, TextDelta, merge_deltas, new_id
 from serve_app.errors import InvalidRequestError
 from serve_app.http.openai.protocol import (
     AssistantMessage,
@@ -39,6 +39,30 @@ from serve_app.http.streaming import sse, sse_response
 
 Event = tuple[int, TextDelta | Generation]  # (choice index, what it produced)
 ID_PREFIXES = ("chatcmpl-", "cmpl-")
+
+
+def _chat_response(
+    response_id: str,
+    created: int,
+    model: str,
+    records: list[Generation],
+    metadata: dict[str, str] | None,
+) -> ChatCompletionResponse:
+    return ChatCompletionResponse(
+        id=response_id,
+        created=created,
+        model=model,
+        choices=[
+            ChatChoice(
+                index=i,
+                message=AssistantMessage(content=g.completion),
+                finish_reason=g.finish_reason,
+            )
+            for i, g in enumerate(records)
+        ],
+        usage=Usage.of(records),
+        metadata=metadata,
+    )
 
 
 def _chunk(
@@ -141,36 +165,13 @@ class OpenAIServing:
             context = body.context(messages=messages)
             return await self._sse(requests, rid, context, chunk, usage_chunk, body)
         records = await self.service.generate(requests, rid, body.context(messages=messages))
-        return ChatCompletionResponse(
-            id=response_id,
-            model=body.model,
-            choices=[
-                ChatChoice(
-                    index=i,
-                    message=AssistantMessage(content=g.completion),
-                    finish_reason=g.finish_reason,
-                )
-                for i, g in enumerate(records)
-            ],
-            usage=Usage.of(records),
-            metadata=body.metadata,
-        )
+        return _chat_response(response_id, int(time.time()), body.model, records, body.metadata)
 
     def stored_chat(self, record: Generation) -> ChatCompletionResponse:
         """A stored chat completion, as OpenAI's stored-completions API shows one."""
-        return ChatCompletionResponse(
-            id=f"chatcmpl-{record.id}",
-            created=int(record.created_at.timestamp()),
-            model=record.model,
-            choices=[
-                ChatChoice(
-                    index=0,
-                    message=AssistantMessage(content=record.completion),
-                    finish_reason=record.finish_reason,
-                )
-            ],
-            usage=Usage.of([record]),
-            metadata=record.metadata,
+        created = int(record.created_at.timestamp())
+        return _chat_response(
+            f"chatcmpl-{record.id}", created, record.model, [record], record.metadata
         )
 
     def stored_chats(self, records: list[Generation], has_more: bool) -> ChatCompletionList:
@@ -230,25 +231,13 @@ class OpenAIServing:
                 ready = [await queue.get()]
                 while not queue.empty():
                     ready.append(queue.get_nowait())
-                batch: list[Event] = []
-                for i, item in ready:
+                for _, item in ready:
                     if isinstance(item, BaseException):
                         raise item
                     done += isinstance(item, Generation)
-                    last = batch[-1] if batch else None
-                    if (
-                        last
-                        and last[0] == i
-                        and isinstance(last[1], TextDelta)
-                        and isinstance(item, TextDelta)
-                    ):
-                        merged = TextDelta(last[1].text + item.text, item.completion_tokens)
-                        batch[-1] = (i, merged)
-                    else:
-                        batch.append((i, item))
-                yield batch
+                yield merge_deltas(ready)
         finally:
             for task in tasks:
                 task.cancel()
             # Held until they have wound down (each records what its choice produced).
-            self.service._background(asyncio.gather(*tasks, return_exceptions=True))
+            self.service.keep(asyncio.gather(*tasks, return_exceptions=True))
