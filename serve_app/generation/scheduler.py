@@ -338,8 +338,8 @@ class Scheduler:
 
         With more streams than `stream_messages_per_step`, a stream sends every `every` steps
         (its first text and its end at once): the messages per step stay bounded."""
-        streams = sum(jobs[id(r)].channel is not None for r in rows if id(r) in jobs)
-        every = -(-streams // self.stream_messages_per_step)  # ceil
+        streams = sum(jobs[id(r)].channel is not None for r in rows)
+        every = max(1, -(-streams // self.stream_messages_per_step))  # ceil, at least 1
         step = self.stats.steps
         for row in rows:
             if row.finish is None:
