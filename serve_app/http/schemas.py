@@ -5,9 +5,9 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from serve_app import domain
 
@@ -20,7 +20,49 @@ def iso_z(value: datetime) -> str:
     return value.astimezone(timezone.utc).replace(tzinfo=None).isoformat("T", "microseconds") + "Z"
 
 
-class GenerateRequest(BaseModel):
+def _unicode_problem(value: Any, where: str) -> str | None:
+    """Where `value` holds text that is not valid Unicode (a lone surrogate, which JSON's
+    `\ud800` escape can carry), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where
+    elif isinstance(value, BaseModel):
+        return _unicode_problem(dict(value), where)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            found = _unicode_problem(key, where) or _unicode_problem(item, f"{where}.{key}")
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _unicode_problem(item, f"{where}[{i}]")
+            if found:
+                return found
+    return None
+
+
+class InvalidTextError(ValueError):
+    def __init__(self, where: str, field: str) -> None:
+        super().__init__(f"{where} is not valid Unicode text (a lone surrogate)")
+        self.param = field  # the error mapper names it (OpenAI's `param`)
+
+
+class RequestBody(BaseModel):
+    """A request body whose every string is valid Unicode: the tokenizer, the database and the
+    JSON answer all need UTF-8, so a lone surrogate is a 400 here, not a 500 later."""
+
+    @model_validator(mode="after")
+    def _valid_unicode(self) -> Any:
+        for name in type(self).model_fields:
+            where = _unicode_problem(getattr(self, name), name)
+            if where:
+                raise InvalidTextError(where, name)
+        return self
+
+
+class GenerateRequest(RequestBody):
     """Body of `POST /generate` (the classic FastAPI GPT-2 recipe, extended)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -82,7 +124,7 @@ class Feedback(BaseModel):
     created_at: str = Field(description="When the feedback was given, ISO 8601, UTC.")
 
 
-class FeedbackRequest(BaseModel):
+class FeedbackRequest(RequestBody):
     """Body of `POST /generations/{id}/feedback`; new feedback replaces earlier feedback."""
 
     model_config = ConfigDict(extra="forbid")

@@ -296,3 +296,16 @@ def test_a_body_over_the_cap_is_refused_before_it_is_parsed(client):
     assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
     (ok,) = generate(client, prompts=[unique("small")], max_new_tokens=2)
     assert ok["usage"]["completion_tokens"] >= 1
+
+
+def test_a_lone_surrogate_is_a_client_error_not_a_500(client):
+    """JSON can carry `\\ud800`, which no tokenizer, database or answer can hold."""
+    headers = {"content-type": "application/json"}
+    r = client.post("/generate", content='{"prompts": ["a \\ud800 b"]}', headers=headers)
+    error = assert_error(r, 422, "validation_error")
+    assert "prompts[0]" in error["message"] and "Unicode" in error["message"]
+    body = '{"model": "tiny-a", "prompt": "x", "stop": ["\\udfff"]}'
+    r = client.post("/v1/completions", content=body, headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stop"
+    (fine,) = generate(client, prompts=[unique("héllo ☃ \u0000 nul")], max_new_tokens=2)
+    assert "☃" in fine["prompt"]

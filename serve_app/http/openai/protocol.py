@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from serve_app.domain import Generation, GenerationRequest, SamplingParams
+from serve_app.http.schemas import RequestBody
 
 MAX_CHOICES = 8
 MAX_STOP_STRINGS = 4
@@ -71,7 +72,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _SamplingRequest(BaseModel):
+class _SamplingRequest(RequestBody):
     """What both routes share."""
 
     model_config = ConfigDict(extra="forbid")
