@@ -18,7 +18,9 @@ from serve_app.storage.persistence import Persistence
 DEFAULT_DEPLOYMENT_OPTIONS: dict[str, dict[str, Any]] = {
     "Ingress": {
         "num_replicas": 1,
-        "max_ongoing_requests": 256,
+        # High: the ingress is async and cheap per request; a lower bound would queue even
+        # /livez in the proxy behind a burst. Overload is refused by the generator instead.
+        "max_ongoing_requests": 1024,
         "ray_actor_options": {"num_cpus": 0.1},
     },
     "Generator": {
@@ -29,8 +31,12 @@ DEFAULT_DEPLOYMENT_OPTIONS: dict[str, dict[str, Any]] = {
             "max_replicas": 2,
             "target_ongoing_requests": 48,
         },
-        # Must exceed max_batch_size: a replica can only batch requests it has been sent.
-        "max_ongoing_requests": 96,
+        # Above max_batch_size + max_queued_requests (32 + 64): a replica can only batch
+        # requests it has been sent, and it refuses the excess itself, fast, with Retry-After.
+        "max_ongoing_requests": 128,
+        # Ray's own queue in front of the replicas (all at max_ongoing_requests, or starting):
+        # bounded too, so overload is refused at once (503) instead of waiting unboundedly.
+        "max_queued_requests": 64,
         "ray_actor_options": {"num_cpus": 0.8},
         "user_config": BatchingConfig().model_dump(),
         "health_check_period_s": 10,

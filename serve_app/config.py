@@ -158,6 +158,15 @@ class BatchingConfig(_Strict):
         "one per token cost about a fifth of the decode throughput on 2 cores. vLLM's "
         "`stream_interval` is the same trade-off.",
     )
+    max_queued_requests: int = Field(
+        default=64,
+        ge=0,
+        le=100_000,
+        description="Requests a replica holds waiting for a batch slot (besides the rows it "
+        "decodes); one more is refused at once with a 503 and Retry-After, before any model "
+        "work. Keep the deployment's max_ongoing_requests at least max_batch_size + this, or "
+        "Ray queues the excess in front of the replica instead.",
+    )
     single_thread_max_rows: int = Field(
         default=0,
         ge=0,

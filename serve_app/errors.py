@@ -93,6 +93,21 @@ class GeneratorUnavailableError(ServeError):
     error_type = "generator_unavailable"
 
 
+class OverloadedError(ServeError):
+    """Refused before any model work because the generator's queue is full: the client should
+    retry after `retry_after_s` (sent as the Retry-After header)."""
+
+    status_code = 503
+    error_type = "overloaded"
+
+
+class RateLimitedError(ServeError):
+    """The caller spent its request budget; `retry_after_s` says when a request is allowed."""
+
+    status_code = 429
+    error_type = "rate_limited"
+
+
 class DependencyUnavailableError(ServeError):
     status_code = 503
     error_type = "dependency_unavailable"

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from ray import serve
 
 from serve_app.config import AppArgs, BatchingConfig
 from serve_app.domain import Generation, GenerationRequest, TextDelta, merge_deltas
-from serve_app.errors import ServeError, UnknownModelError
+from serve_app.errors import OverloadedError, ServeError, UnknownModelError
 from serve_app.generation.metrics import GeneratorMetrics
 from serve_app.generation.scheduler import Scheduler
 
@@ -66,6 +66,9 @@ class Generator:
         self.metrics = GeneratorMetrics()
         batching = BatchingConfig()  # until reconfigure() applies the deployment's user_config
         self._threads = ThreadBudget(threads, batching.single_thread_max_rows)
+        self._max_queued = batching.max_queued_requests
+        self._inflight = 0  # requests between `_enter` and `_leave` (the event loop's own)
+        self._finished: deque[float] = deque(maxlen=256)  # when recent requests left
         self._scheduler = Scheduler(
             batching.max_batch_size,
             observer=self.metrics,
@@ -97,6 +100,7 @@ class Generator:
         self._scheduler.admit_max_wait_s = config.admit_max_wait_s
         self._threads.single_thread_max_rows = config.single_thread_max_rows
         self._scheduler.stream_messages_per_step = config.stream_messages_per_step
+        self._max_queued = config.max_queued_requests
         self._admit.set_max_batch_size(config.max_batch_size)
         self._admit.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         logger.info("Generator batching: %s", config)
@@ -136,9 +140,37 @@ class Generator:
             self.resident.remove(model_id)
         logger.info("Evicted model %s", model_id)
 
+    def _enter(self) -> None:
+        """Admission control, before any model work: a replica holding `max_queued_requests`
+        requests beyond the rows it decodes refuses the next one at once (503 + Retry-After),
+        so overload costs the refused client a round trip instead of a growing wait for all."""
+        queued = self._inflight - self._scheduler.active
+        if queued >= self._max_queued:
+            self.metrics.refused("overloaded")
+            raise OverloadedError(
+                "the generator is at capacity; retry later", retry_after_s=self._drain_s(queued)
+            )
+        self._inflight += 1
+
+    def _leave(self) -> None:
+        self._inflight -= 1
+        self._finished.append(time.monotonic())
+
+    def _drain_s(self, queued: int) -> float:
+        """How long the queue ahead takes to clear at the recent completion rate (1-30 s)."""
+        recent = [t for t in self._finished if t > time.monotonic() - 30.0]
+        if len(recent) < 2 or recent[-1] <= recent[0]:
+            return 1.0
+        rate = (len(recent) - 1) / (recent[-1] - recent[0])
+        return min(30.0, max(1.0, queued / rate))
+
     async def generate(self, request: GenerationRequest) -> Generation:
-        future = await self._admit(request)
-        return await future
+        self._enter()
+        try:
+            future = await self._admit(request)
+            return await future
+        finally:
+            self._leave()
 
     async def generate_stream(
         self, request: GenerationRequest
@@ -152,8 +184,13 @@ class Generator:
         message through Ray and then the HTTP proxy, so under load (32 streams) sending each
         token alone cost a fifth of the throughput, while a lone stream still gets each token
         as soon as it is decoded."""
-        resident = await self._get_model(request.model)
-        channel, future = self._scheduler.submit_stream(resident.decoder, request)
+        self._enter()
+        try:
+            resident = await self._get_model(request.model)
+            channel, future = self._scheduler.submit_stream(resident.decoder, request)
+        except BaseException:
+            self._leave()
+            raise
         try:
             while True:
                 items = [await channel.get()]
@@ -167,6 +204,7 @@ class Generator:
                         return
         finally:
             future.cancel()  # a no-op once answered
+            self._leave()
 
     # Grouping only: the group is handed to the decode loop, which admits it at its next step
     # boundary, so a group never waits for the previous one; max_concurrent_batches lets groups
@@ -200,6 +238,8 @@ class Generator:
             "evictions": self.evictions,
             "max_batch_size": self._scheduler.max_batch_size,
             "queued": self._scheduler.queued,
+            "in_flight": self._inflight,
+            "max_queued_requests": self._max_queued,
             "active_rows": self._scheduler.active,
             **self._scheduler.stats.snapshot(),
         }

@@ -31,3 +31,6 @@ class GeneratorMetrics:
 
     def model_evicted(self, model_id: str) -> None:
         metric("gpt2serve_models_evicted").inc(tags={"model": model_id})
+
+    def refused(self, reason: str) -> None:
+        metric("gpt2serve_requests_refused").inc(tags={"reason": reason})

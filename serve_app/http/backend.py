@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from ray.exceptions import RayError
@@ -13,9 +15,10 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.domain import Generation, GenerationRequest, Receipt, TextDelta
-from serve_app.errors import DependencyUnavailableError
+from serve_app.errors import DependencyUnavailableError, OverloadedError
 from serve_app.http.errors import as_serve_error
 from serve_app.storage.group_commit import GroupCommitter
+from serve_app.telemetry.metrics import metric
 
 logger = logging.getLogger("ray.serve").getChild(__name__)
 
@@ -30,6 +33,13 @@ def unavailable(exc: BaseException, what: str) -> BaseException:
     return DependencyUnavailableError(f"{what} is unavailable, try again")
 
 
+def at_capacity(what: str) -> OverloadedError:
+    """Ray's router refused the call: every replica is at max_ongoing_requests and the queue in
+    front of them (the deployment's max_queued_requests) is full."""
+    metric("gpt2serve_requests_refused").inc(tags={"reason": "overloaded"})
+    return OverloadedError(f"the {what} is at capacity; retry later", retry_after_s=1.0)
+
+
 async def call(response: Any, what: str, timeout_s: float | None = None) -> Any:
     """Await a handle call; infrastructure failures become a 503, meaningful errors pass."""
     try:
@@ -38,8 +48,49 @@ async def call(response: Any, what: str, timeout_s: float | None = None) -> Any:
         return await asyncio.wait_for(response, timeout_s)
     except asyncio.TimeoutError as exc:
         raise DependencyUnavailableError(f"{what} did not answer in time") from exc
-    except (RayError, BackPressureError) as exc:
+    except BackPressureError:
+        raise at_capacity(what) from None
+    except RayError as exc:
         raise unavailable(exc, what) from None
+
+
+class OverloadGate:
+    """What the generator's refusals teach this ingress replica. After a 503 "overloaded", for
+    its Retry-After, a call is refused here (no round trip through Ray, which is most of what a
+    refusal costs) while this replica already has as many generator calls in flight as when
+    the generator refused; below that, calls go through and the generator decides again.
+    Overload then costs the cores little, so the requests admitted keep their throughput."""
+
+    def __init__(self) -> None:
+        self.inflight = 0
+        self.limit = 0
+        self.until = 0.0
+
+    def enter(self) -> None:
+        left = self.until - time.monotonic()
+        if left > 0 and self.inflight >= self.limit:
+            metric("gpt2serve_requests_refused").inc(tags={"reason": "overloaded"})
+            raise OverloadedError("the generator is at capacity; retry later", retry_after_s=left)
+        self.inflight += 1
+
+    def leave(self, refusal: OverloadedError | None = None) -> None:
+        if refusal is not None:
+            self.limit = max(1, self.inflight - 1)  # the refused call itself was in flight
+            self.until = time.monotonic() + float(refusal.details.get("retry_after_s") or 1.0)
+        self.inflight -= 1
+
+    @asynccontextmanager
+    async def admitted(self) -> AsyncIterator[None]:
+        self.enter()
+        try:
+            yield
+        except OverloadedError as exc:
+            self.leave(exc)
+            raise
+        except BaseException:
+            self.leave()
+            raise
+        self.leave()
 
 
 class HandleBackend:
@@ -51,6 +102,7 @@ class HandleBackend:
         self.generator = generator
         self.store = store
         self.write_timeout_s = write_timeout_s
+        self.gate = OverloadGate()
         # Requests finishing together share one `record` call (a handle call costs more than a
         # row). Never retried: a call that failed may still have committed.
         self.recorder: GroupCommitter[Generation, Generation] = GroupCommitter(
@@ -59,17 +111,28 @@ class HandleBackend:
 
     async def generate(self, request: GenerationRequest) -> Generation:
         handle = self.generator.options(multiplexed_model_id=request.model)
-        return await call(handle.generate.remote(request), "generator")
+        async with self.gate.admitted():
+            return await call(handle.generate.remote(request), "generator")
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[TextDelta | Generation]:
         handle = self.generator.options(multiplexed_model_id=request.model, stream=True)
+        async with self.gate.admitted():
+            async for item in self._stream(handle, request):
+                yield item
+
+    async def _stream(
+        self, handle: DeploymentHandle, request: GenerationRequest
+    ) -> AsyncIterator[TextDelta | Generation]:
         responses = handle.generate_stream.remote(request)
         finished = False
         try:
             async for item in responses:
                 yield item
             finished = True
-        except (RayError, BackPressureError) as exc:
+        except BackPressureError:
+            finished = True
+            raise at_capacity("generator") from None
+        except RayError as exc:
             finished = True
             raise unavailable(exc, "generator") from None
         finally:

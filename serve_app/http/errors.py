@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from typing import Any
 
@@ -54,14 +55,27 @@ def error_body(
     return {"error": body}
 
 
+def error_headers(details: dict[str, Any]) -> dict[str, str]:
+    """Headers an error carries in its details: `retry_after_s` (overload, rate limits) becomes
+    Retry-After in whole seconds, `headers` (the rate limit's x-ratelimit-*) are sent as is."""
+    headers = dict(details.get("headers") or {})
+    if details.get("retry_after_s") is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(float(details["retry_after_s"]))))
+    return headers
+
+
 def error_response(
     request: Request, status: int, error_type: str, message: str, **details: Any
 ) -> JSONResponse:
     openai = request.url.path.startswith(OPENAI_PREFIX)
     if openai and status == 422:
         status = 400  # OpenAI answers invalid parameters with a 400
+    headers = error_headers(details)
+    details.pop("headers", None)
     return JSONResponse(
-        status_code=status, content=error_body(openai, status, error_type, message, **details)
+        status_code=status,
+        content=error_body(openai, status, error_type, message, **details),
+        headers=headers or None,
     )
 
 

@@ -86,6 +86,11 @@ METRICS: tuple[MetricSpec, ...] = (
                "Records in each committed group.", (), _ROWS),
     MetricSpec("gpt2serve_persistence_write_errors", "counter",
                "Group writes the database refused or failed."),
+    MetricSpec("gpt2serve_requests_refused", "counter",
+               "Requests refused at the door: overload (queue full), auth, rate limits.",
+               ("reason",)),
+    MetricSpec("gpt2serve_rate_limit_fail_open", "counter",
+               "Requests let through unmetered because the rate limiter's Redis failed."),
 )  # fmt: skip
 
 BY_NAME = {m.name: m for m in METRICS}
