@@ -7,6 +7,7 @@ for the settings that differ between machines (where Redis and the database live
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Literal
 
@@ -261,8 +262,8 @@ class CacheOptions(_Strict):
     )
     admin_token: SecretStr | None = Field(
         default=None,
-        description="Bearer token for `DELETE /cache`; unset disables the endpoint (403). "
-        "Env CACHE_ADMIN_TOKEN overrides.",
+        description="An admin API key named `cache-admin` (the older way to enable "
+        "`DELETE /cache`; see `access.api_keys`). Env CACHE_ADMIN_TOKEN overrides.",
     )
 
 
@@ -279,6 +280,98 @@ def apply_cache_user_config(options: CacheOptions, user_config: dict[str, object
             f"Ingress user_config may only set {sorted(LIVE_CACHE_FIELDS)}, got {sorted(unknown)}"
         )
     return CacheOptions.model_validate({**options.model_dump(), **user_config})
+
+
+_PERIODS_S = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+_PERIOD_ALIASES = {"s": "second", "sec": "second", "m": "minute", "min": "minute", "h": "hour"}
+_PERIOD_ALIASES |= {"secs": "second", "mins": "minute", "d": "day"}
+
+
+class RateLimit(_Strict):
+    """A token bucket: `requests` per `period_s`, spent one per request, refilled evenly."""
+
+    requests: int = Field(ge=1, le=1_000_000)
+    period_s: float = Field(gt=0)
+
+    @classmethod
+    def parse(cls, text: str) -> RateLimit:
+        """`20/minute`, `5/second`, `1000/hour`, `10000/day` (also s, sec, m, min, h)."""
+        count, sep, unit = text.strip().partition("/")
+        unit = unit.strip().lower()
+        unit = _PERIOD_ALIASES.get(unit, unit[:-1] if unit.endswith("s") else unit)
+        if not sep or not count.strip().isdigit() or unit not in _PERIODS_S:
+            raise ValueError(f"a rate limit looks like '20/minute', got {text!r}")
+        return cls(requests=int(count), period_s=_PERIODS_S[unit])
+
+    def __str__(self) -> str:
+        return f"{self.requests}/{self.period_s:g}s"
+
+
+class ApiKey(_Strict):
+    """A key clients send as `Authorization: Bearer <key>`, kept only as its SHA-256."""
+
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9._\-]{1,64}$",
+        description="Stored with every record the key asks for, logged, filterable in history.",
+    )
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex SHA-256 of the key.")
+    admin: bool = Field(
+        default=False, description="May also call the admin routes (DELETE /cache)."
+    )
+
+    @classmethod
+    def from_secret(cls, secret: str, name: str | None = None, admin: bool = False) -> ApiKey:
+        digest = hashlib.sha256(secret.encode()).hexdigest()
+        return cls(name=name or f"key-{digest[:8]}", sha256=digest, admin=admin)
+
+
+class AccessOptions(_Strict):
+    """Who may call the API, and how often. See the README's "Securing it"."""
+
+    api_keys: list[ApiKey] = Field(
+        default_factory=list,
+        description="With any non-admin key here (or in env API_KEYS) every route but /livez, "
+        "/healthz, the docs and the playground needs a key; none: the API is open.",
+    )
+    rate_limit: RateLimit | None = Field(
+        default=None,
+        description="Per key (per client address when keys are off), e.g. `20/minute`; "
+        "a token bucket in Redis shared by every ingress replica. Env RATE_LIMIT overrides.",
+    )
+
+    @field_validator("rate_limit", mode="before")
+    @classmethod
+    def _parse_rate(cls, value: object) -> object:
+        return RateLimit.parse(value) if isinstance(value, str) else value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _unique_names(cls, keys: list[ApiKey]) -> list[ApiKey]:
+        names = [k.name for k in keys]
+        if len(set(names)) != len(names):
+            raise ValueError(f"API key names must be unique, got {names}")
+        return keys
+
+    @property
+    def keys_required(self) -> bool:
+        return any(not key.admin for key in self.api_keys)
+
+
+class LimitOptions(_Strict):
+    """Caps on what one request may ask for; beyond them the request is a 400."""
+
+    max_prompts_per_request: int = Field(
+        default=32,
+        ge=1,
+        le=128,
+        description="Completions one request may ask for (prompts, times `n` on /v1).",
+    )
+    max_new_tokens: int = Field(
+        default=1024, ge=1, le=4096, description="New tokens one completion may ask for."
+    )
+    max_history_page: int = Field(
+        default=100, ge=1, le=1000, description="Records in one page of history or listings."
+    )
 
 
 class AppArgs(_Strict):
@@ -325,6 +418,8 @@ class AppArgs(_Strict):
         description="Put prompt text in the per-request log lines (off: prompts never reach the "
         "logs, only their counts and token numbers).",
     )
+    access: AccessOptions = Field(default_factory=AccessOptions)
+    limits: LimitOptions = Field(default_factory=LimitOptions)
     cache: CacheOptions = Field(default_factory=CacheOptions)
     generator: GeneratorOptions = Field(default_factory=GeneratorOptions)
     persistence: PersistenceOptions = Field(default_factory=PersistenceOptions)
@@ -365,6 +460,37 @@ class EnvSettings(BaseSettings):
     standin_dir: str | None = Field(default=None, validation_alias="STANDIN_DIR")
     hf_hub_offline: bool = Field(default=False, validation_alias="HF_HUB_OFFLINE")
     cache_admin_token: SecretStr | None = Field(default=None, validation_alias="CACHE_ADMIN_TOKEN")
+    api_keys: SecretStr | None = Field(default=None, validation_alias="API_KEYS")
+    admin_api_keys: SecretStr | None = Field(default=None, validation_alias="ADMIN_API_KEYS")
+    rate_limit: str | None = Field(default=None, validation_alias="RATE_LIMIT")
+
+
+def parse_keys(text: str, admin: bool = False) -> list[ApiKey]:
+    """Env API_KEYS / ADMIN_API_KEYS: comma-separated `key` or `name=key` entries (a bare key
+    is named `key-` and the first 8 hex digits of its SHA-256)."""
+    keys = []
+    for entry in (e.strip() for e in text.split(",")):
+        if entry:
+            name, sep, secret = entry.partition("=")
+            keys.append(
+                ApiKey.from_secret(secret, name.strip(), admin)
+                if sep
+                else ApiKey.from_secret(entry, admin=admin)
+            )
+    return keys
+
+
+def _resolve_access(args: AppArgs, env: EnvSettings) -> AccessOptions:
+    keys = list(args.access.api_keys)
+    if env.api_keys:
+        keys += parse_keys(env.api_keys.get_secret_value())
+    if env.admin_api_keys:
+        keys += parse_keys(env.admin_api_keys.get_secret_value(), admin=True)
+    token = env.cache_admin_token or args.cache.admin_token  # the older name of an admin key
+    if token:
+        keys.append(ApiKey.from_secret(token.get_secret_value(), "cache-admin", admin=True))
+    rate = RateLimit.parse(env.rate_limit) if env.rate_limit else args.access.rate_limit
+    return AccessOptions(api_keys=keys, rate_limit=rate)
 
 
 def resolve_args(args: AppArgs, env: EnvSettings | None = None) -> AppArgs:
@@ -379,6 +505,7 @@ def resolve_args(args: AppArgs, env: EnvSettings | None = None) -> AppArgs:
         updates["offline"] = True
     if env.cache_admin_token:
         updates["cache"] = args.cache.model_copy(update={"admin_token": env.cache_admin_token})
+    updates["access"] = _resolve_access(args, env)
     standin_dir = env.standin_dir or args.standin_dir
     updates["standin_dir"] = str(
         Path(standin_dir or Path.home() / ".cache" / "serve-gpt2" / "standins")

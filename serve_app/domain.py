@@ -112,6 +112,7 @@ class Generation:
     finish_reason: FinishReason | None = None  # None: not recorded (rows from before it was)
     params: dict[str, Any] = field(default_factory=dict)
     user_id: str | None = None
+    key_name: str | None = None  # the name of the API key that asked (never the key)
     cached: bool = False
     latency_ms: float = 0.0  # the request's whole time at the ingress
     ttft_ms: float | None = None  # time to the first streamed text; None when not streamed

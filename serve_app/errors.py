@@ -70,6 +70,14 @@ class PromptTooLongError(ServeError):
     error_type = "prompt_too_long"
 
 
+class RecordRefusedError(ServeError):
+    """The database refused to store this one answer (a constraint or a value it cannot hold):
+    only its own request fails, with a 4xx; the rows committed with it are unaffected."""
+
+    status_code = 422
+    error_type = "unstorable"
+
+
 class ModelUnavailableError(ServeError):
     """The model's source cannot be loaded and no stand-in is allowed."""
 

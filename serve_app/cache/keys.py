@@ -29,6 +29,7 @@ _PER_REQUEST = frozenset(
         "created_at",
         "feedback",
         "user_id",
+        "key_name",
         "cached",
         "latency_ms",
         "ttft_ms",

@@ -63,7 +63,7 @@ class RedisTier:
     ) -> None:
         self.options = options
         self.url = url
-        self.redis = _client(url, options.timeout_s)
+        self.redis = redis_client(url, options.timeout_s)
         self.breaker = CircuitBreaker(
             options.breaker_failures, options.breaker_reset_s, options.breaker_max_reset_s
         )
@@ -320,7 +320,7 @@ class RedisTier:
         await self.redis.aclose()
 
 
-def _client(url: str, timeout_s: float) -> Redis:
+def redis_client(url: str, timeout_s: float) -> Redis:
     # One quick retry: after a Redis restart the first command on a pooled connection fails.
     return Redis.from_url(
         url,

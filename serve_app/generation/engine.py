@@ -89,7 +89,8 @@ class BatchDecoder:
         return _Row(index, ids, params, budget, rng, text=text)
 
     def decode(self, tokens: Sequence[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+        # NUL becomes U+FFFD: PostgreSQL cannot store it, and every answer is stored.
+        return self.tokenizer.decode(tokens, skip_special_tokens=True).replace("\x00", "\ufffd")
 
     def prepare(
         self, requests: Sequence[GenerationRequest]

@@ -15,7 +15,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.domain import Generation, GenerationRequest, Receipt, TextDelta
-from serve_app.errors import DependencyUnavailableError, OverloadedError
+from serve_app.errors import DependencyUnavailableError, OverloadedError, ServeError
 from serve_app.http.errors import as_serve_error
 from serve_app.storage.group_commit import GroupCommitter
 from serve_app.telemetry.metrics import metric
@@ -140,16 +140,23 @@ class HandleBackend:
                 responses.cancel()
 
     async def record(self, records: list[Generation]) -> list[Generation]:
-        return await self.recorder.submit(records)
+        """The records as stored; a row the database refused fails this call alone."""
+        stored = await self.recorder.submit(records)
+        for outcome in stored:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return stored
 
     async def _record_call(self, rows: list[Generation]) -> list[Generation]:
         # A timed-out write is a 503 even if it commits later: no id is ever answered uncommitted.
-        receipts: list[Receipt] = await call(
+        receipts: list[Receipt | ServeError] = await call(
             self.store.record.remote(rows), "persistence", self.write_timeout_s
         )
         if len(receipts) != len(rows):
             raise DependencyUnavailableError("persistence answered with the wrong number of rows")
         return [
             row.replace(id=receipt.id, created_at=receipt.created_at)
+            if isinstance(receipt, Receipt)
+            else receipt  # this row was refused; the others are stored
             for row, receipt in zip(rows, receipts, strict=True)
         ]

@@ -98,7 +98,7 @@ def sse_error(exc: BaseException, openai: bool) -> str:
     return f"data: {json.dumps(body)}\n\n"
 
 
-def _serve_error(request: Request, exc: ServeError) -> JSONResponse:
+def serve_error_response(request: Request, exc: ServeError) -> JSONResponse:
     return error_response(request, exc.status_code, exc.error_type, exc.message, **exc.details)
 
 
@@ -107,7 +107,7 @@ def unexpected_error_response(request: Request, exc: Exception) -> JSONResponse:
     logged 500 that says nothing about the internals."""
     known = as_serve_error(exc)
     if known is not None:
-        return _serve_error(request, known)
+        return serve_error_response(request, known)
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_response(request, 500, "internal_error", "internal server error")
 
@@ -150,7 +150,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ServeError)
     async def _serve(request: Request, exc: ServeError) -> JSONResponse:
-        return _serve_error(request, as_serve_error(exc) or exc)
+        return serve_error_response(request, as_serve_error(exc) or exc)
 
     @app.exception_handler(Exception)  # backs up the middleware below
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -6,7 +6,6 @@ Wire types live in `schemas`, the request logic in `serving`, error mapping in `
 """
 
 import asyncio
-import hmac
 import logging
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -18,14 +17,18 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app.cache.embedded_redis import EmbeddedRedis
 from serve_app.cache.metrics import CacheMetrics
-from serve_app.cache.redis_tier import RedisTier
+from serve_app.cache.redis_tier import RedisTier, redis_client
 from serve_app.cache.tiered import TieredCache
 from serve_app.config import AppArgs, apply_cache_user_config
-from serve_app.errors import (
-    ForbiddenError,
-    InvalidRequestError,
-    NotFoundError,
-    UnauthorizedError,
+from serve_app.errors import InvalidRequestError, NotFoundError
+from serve_app.http.access import (
+    Access,
+    RateLimiter,
+    add_access_middleware,
+    install_access,
+    owner_scope,
+    scoped_key_name,
+    visible,
 )
 from serve_app.http.backend import HandleBackend, call
 from serve_app.http.errors import as_serve_error, install_error_handlers
@@ -63,9 +66,10 @@ api = FastAPI(
     title="GPT-2 on Ray Serve",
     description="Multiplexed GPT-2-family text generation with batching, cache and history.",
     version="0.1.0",
-    responses={code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 422, 503)},
+    responses={code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 422, 429, 503)},
 )
 api.add_middleware(BodyLimit)  # innermost: the middlewares below time and log its 413s
+add_access_middleware(api)  # before the body is read: no key, no 1 MiB upload
 install_error_handlers(api)
 install_request_log(api)  # after the error handlers: it logs what they answered
 
@@ -102,15 +106,24 @@ class Ingress:
         self.catalog = ModelCatalog(args, infos)
 
         self.embedded_redis: EmbeddedRedis | None = None
-        redis_url = args.redis_url if args.cache.enabled else None
-        if redis_url is None and args.cache.enabled:
+        needs_redis = args.cache.enabled or args.access.rate_limit is not None
+        redis_url = args.redis_url if needs_redis else None
+        if redis_url is None and needs_redis:
             self.embedded_redis = EmbeddedRedis()
             redis_url = self.embedded_redis.start()
         self.redis_mode = (
             "disabled" if redis_url is None else "embedded" if self.embedded_redis else "external"
         )
+        limiter = None
+        if args.access.rate_limit is not None and redis_url is not None:
+            limiter = RateLimiter(
+                args.access.rate_limit,
+                redis_client(redis_url, args.cache.timeout_s),
+                args.cache.prefix,
+            )
+        install_access(api, Access(args.access, limiter))
         self.cache = TieredCache(args.cache, None)
-        if redis_url is not None:
+        if redis_url is not None and args.cache.enabled:
             self.cache.l2 = RedisTier(redis_url, args.cache, on_invalidate=self.cache.forget)
             self.cache.l2.start_listening()
         # The constructor runs on the replica's event loop, so background tasks can start here.
@@ -124,6 +137,12 @@ class Ingress:
             RequestTelemetry(args.log_prompts),
         )
         self.openai = OpenAIServing(self.service)
+
+    def _page(self, limit: int) -> int:
+        cap = self.args.limits.max_history_page
+        if limit > cap:
+            raise InvalidRequestError(f"limit may be at most {cap}", param="limit", limit=limit)
+        return limit
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Live cache tunables from the deployment's `user_config` (async: runs on the loop
@@ -167,11 +186,13 @@ class Ingress:
         request: Request,
         model: Annotated[str | None, Query(max_length=64)] = None,
         after: Annotated[str | None, Query(max_length=80)] = None,
-        limit: Annotated[int, Query(ge=1, le=100)] = 20,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 20,
         order: Literal["asc", "desc"] = "asc",
     ) -> ChatCompletionList:
         """Stored chat completions (OpenAI's listing), filtered by `model` and `metadata[k]=v`."""
         query = {"model": model, "order": order, "metadata": metadata_filter(request)}
+        query["key_name"] = scoped_key_name(None)
+        limit = self._page(limit)
         if after is not None:
             query["after"] = record_id(after)
         records, has_more = await call(self.store.chats.remote(limit, **query), "persistence")
@@ -182,7 +203,7 @@ class Ingress:
         self, completion_id: Annotated[str, Path(max_length=80)]
     ) -> ChatCompletionResponse:
         stored = await call(self.store.get.remote(record_id(completion_id)), "persistence")
-        if stored is None or stored.messages is None:
+        if not visible(stored) or stored.messages is None:
             raise NotFoundError(f"no chat completion with id {completion_id!r}")
         return self.openai.stored_chat(stored)
 
@@ -198,17 +219,22 @@ class Ingress:
     async def history(
         self,
         request: Request,
-        limit: Annotated[int, Query(ge=1, le=100)] = 20,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 20,
         cursor: Annotated[str | None, Query(max_length=512)] = None,
         user_id: Annotated[str | None, Query(max_length=128)] = None,
         model: Annotated[str | None, Query(max_length=64)] = None,
         since: Annotated[datetime | None, Query(description="Inclusive; ISO 8601.")] = None,
         until: Annotated[datetime | None, Query(description="Exclusive; ISO 8601.")] = None,
+        key_name: Annotated[
+            str | None, Query(max_length=64, description="Records one API key asked for.")
+        ] = None,
         if_none_match: Annotated[str | None, Header()] = None,
     ) -> Response:
         """Newest first; `metadata[key]=value` parameters filter on the records' metadata."""
         query = {"user_id": user_id, "model": model, "since": since, "until": until}
         query["metadata"] = metadata_filter(request)
+        query["key_name"] = scoped_key_name(key_name)
+        limit = self._page(limit)
         items, next_cursor = await call(
             self.store.history.remote(limit, cursor, **query), "persistence"
         )
@@ -221,7 +247,7 @@ class Ingress:
         if_none_match: Annotated[str | None, Header()] = None,
     ) -> Response:
         stored = await call(self.store.get.remote(record_id(generation_id)), "persistence")
-        if stored is None:
+        if not visible(stored):
             raise NotFoundError(f"no generation with id {generation_id!r}")
         return conditional_json(GenerationRecord.from_generation(stored), if_none_match)
 
@@ -230,7 +256,7 @@ class Ingress:
         self, generation_id: Annotated[str, Path(max_length=64)], body: FeedbackRequest
     ) -> GenerationRecord:
         stored = await call(
-            self.store.set_feedback.remote(generation_id, body.rating, body.comment),
+            self.store.set_feedback.remote(generation_id, body.rating, body.comment, owner_scope()),
             "persistence",
             self.args.persistence.write_timeout_s,
         )
@@ -283,23 +309,11 @@ class Ingress:
     async def invalidate_cache(
         self,
         model: Annotated[str | None, Query(max_length=64)] = None,
-        authorization: Annotated[str | None, Header()] = None,
     ) -> CacheInvalidation:
-        """Drop cached answers (all, or one model's) from Redis and from every replica's L1."""
-        self._authorize_admin(authorization)
+        """Drop cached answers (all, or one model's) from Redis and from every replica's L1.
+        Needs an admin API key (`Authorization: Bearer <key>`)."""
         if model is not None:
             model = self.catalog.spec(model).id  # 404 with the valid ids for a typo
         deleted = await self.cache.invalidate(model)
         logger.info("cache invalidated (model=%s): %s", model or "all", deleted)
         return CacheInvalidation(model=model, deleted_l1=deleted["l1"], deleted_l2=deleted["l2"])
-
-    def _authorize_admin(self, authorization: str | None) -> None:
-        token = self.args.cache.admin_token
-        if token is None:
-            raise ForbiddenError(
-                "DELETE /cache is disabled; set cache.admin_token (or env CACHE_ADMIN_TOKEN)"
-            )
-        scheme, _, given = (authorization or "").partition(" ")
-        expected = token.get_secret_value().encode()
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
-            raise UnauthorizedError("DELETE /cache needs 'Authorization: Bearer <admin token>'")

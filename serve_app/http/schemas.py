@@ -21,13 +21,17 @@ def iso_z(value: datetime) -> str:
 
 
 def _unicode_problem(value: Any, where: str) -> str | None:
-    """Where `value` holds text that is not valid Unicode (a lone surrogate, which JSON's
-    `\ud800` escape can carry), or None."""
+    """What is wrong with the text in `value`, naming where, or None. Refused: a lone
+    surrogate (JSON's `\ud800` escape can carry one), which is not Unicode text at all, and
+    NUL, which PostgreSQL cannot store in a text column: refused on every database, so an
+    answer never depends on which one the service runs on."""
     if isinstance(value, str):
+        if "\x00" in value:
+            return f"{where} contains a NUL character (U+0000), which cannot be stored"
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
-            return where
+            return f"{where} is not valid Unicode text (a lone surrogate)"
     elif isinstance(value, BaseModel):
         return _unicode_problem(dict(value), where)
     elif isinstance(value, dict):
@@ -44,8 +48,8 @@ def _unicode_problem(value: Any, where: str) -> str | None:
 
 
 class InvalidTextError(ValueError):
-    def __init__(self, where: str, field: str) -> None:
-        super().__init__(f"{where} is not valid Unicode text (a lone surrogate)")
+    def __init__(self, problem: str, field: str) -> None:
+        super().__init__(problem)
         self.param = field  # the error mapper names it (OpenAI's `param`)
 
 
@@ -67,12 +71,20 @@ class GenerateRequest(RequestBody):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompts: list[str] = Field(min_length=1, max_length=10, description="1-10 prompts.")
+    prompts: list[str] = Field(
+        min_length=1,
+        max_length=64,
+        description="1-64 prompts (fewer if `limits.max_prompts_per_request` says so).",
+    )
     max_length: int | None = Field(
         default=None, ge=1, le=4096, description="Total tokens (prompt + new), as in transformers."
     )
     max_new_tokens: int | None = Field(
-        default=None, ge=1, le=256, description="New tokens per prompt; wins over max_length."
+        default=None,
+        ge=1,
+        le=4096,
+        description="New tokens per prompt (at most `limits.max_new_tokens`); wins over "
+        "max_length.",
     )
     model: str | None = Field(default=None, description="Model id; default model if omitted.")
     temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="0 means greedy.")
@@ -142,6 +154,9 @@ class GenerationRecord(BaseModel):
     created_at: str = Field(description="ISO 8601, UTC.")
     cached: bool
     user_id: str | None = None
+    key_name: str | None = Field(
+        default=None, description="The name of the API key that asked (keys on only)."
+    )
     usage: Usage
     finish_reason: Literal["length", "stop", "cancelled"] | None = Field(
         description="`length`: the token budget was reached; `stop`: end of text or a stop "
@@ -180,6 +195,7 @@ class GenerationRecord(BaseModel):
             created_at=iso_z(g.created_at),
             cached=g.cached,
             user_id=g.user_id,
+            key_name=g.key_name,
             usage=Usage(prompt_tokens=g.prompt_tokens, completion_tokens=g.completion_tokens),
             finish_reason=g.finish_reason,
             messages=g.messages,

@@ -20,6 +20,7 @@ from serve_app.cache.tiered import Served, Source, TieredCache
 from serve_app.config import AppArgs, ModelSpec
 from serve_app.domain import Generation, GenerationRequest, TextDelta
 from serve_app.errors import ForbiddenContentError, InvalidRequestError, UnknownModelError
+from serve_app.http.access import current_key_name
 
 if TYPE_CHECKING:
     from serve_app.models.resolve import ModelInfo
@@ -141,6 +142,19 @@ class GenerationService:
     def _admit(self, requests: Sequence[GenerationRequest]) -> str:
         """Count a call and check what it asks for; returns its model id."""
         self.counters.requests += 1
+        limits = self.args.limits
+        if len(requests) > limits.max_prompts_per_request:
+            raise InvalidRequestError(
+                f"{len(requests)} completions asked for; at most "
+                f"{limits.max_prompts_per_request} per request",
+                param="prompt",
+            )
+        asked = max((r.params.max_new_tokens or 0) for r in requests)
+        if asked > limits.max_new_tokens:
+            raise InvalidRequestError(
+                f"{asked} new tokens asked for; at most {limits.max_new_tokens}",
+                param="max_tokens",
+            )
         models = {r.model for r in requests}
         if len(models) != 1:
             raise InvalidRequestError("all prompts of a request go to one model")
@@ -175,6 +189,7 @@ class GenerationService:
         `metadata`)."""
         model = self._admit(requests)
         started = time.perf_counter()
+        key_name = current_key_name()
 
         async def run(i: int) -> Generation:
             result = await self.backend.generate(requests[i])
@@ -199,6 +214,7 @@ class GenerationService:
         records = [
             answer.value.replace(
                 user_id=r.user_id,
+                key_name=key_name,
                 cached=answer.cached,
                 latency_ms=latency_ms,
                 id=first_id if i == 0 else None,
@@ -222,7 +238,7 @@ class GenerationService:
         recorded with finish_reason "cancelled"."""
         model = self._admit([request])
         started = time.perf_counter()
-        context = {"user_id": request.user_id, **(context or {})}
+        context = {"user_id": request.user_id, "key_name": current_key_name(), **(context or {})}
         keys, revision = self._cache_keys(model, [request])
         key = keys[0] if keys else None
         if key is not None:

@@ -45,7 +45,9 @@ class GroupCommitter(Generic[RowT, ResultT]):
     - `concurrency`: writes in flight at once (1 for a database with a single writer).
     - `isolate_failures`: when a shared write fails, retry each of its calls alone, so one bad
       row fails only its own caller. Only safe where a failed write is known to have stored
-      nothing (a rolled-back transaction), never where it may have (a lost reply).
+      nothing (a rolled-back transaction), never where it may have (a lost reply). A
+      predicate instead of True retries only the failures it accepts (a refused row, not a
+      database that is down, where retrying each call would only multiply the wait).
     - `group=False` writes each row on its own (the baseline the benchmark measures against).
     """
 
@@ -55,7 +57,7 @@ class GroupCommitter(Generic[RowT, ResultT]):
         max_rows: int = 1024,
         group: bool = True,
         concurrency: int = 1,
-        isolate_failures: bool = True,
+        isolate_failures: bool | Callable[[Exception], bool] = True,
     ) -> None:
         if max_rows < 1 or concurrency < 1:
             raise ValueError("max_rows and concurrency must be at least 1")
@@ -140,7 +142,10 @@ class GroupCommitter(Generic[RowT, ResultT]):
             self._fail_queued(exc)
             raise
         except Exception as exc:
-            if not self.isolate_failures or len(group) == 1:
+            isolate = self.isolate_failures
+            if callable(isolate):
+                isolate = isolate(exc)
+            if not isolate or len(group) == 1:
                 logger.warning("write of %d call(s) failed: %r", len(group), exc)
                 for _, future in group:
                     _resolve(future, exc)

@@ -22,11 +22,11 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from ray import serve
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
 from serve_app.config import PersistenceOptions, PersistenceTuning
 from serve_app.domain import Generation, Receipt
-from serve_app.errors import DependencyUnavailableError
+from serve_app.errors import DependencyUnavailableError, RecordRefusedError
 from serve_app.storage.group_commit import GroupCommitter
 from serve_app.storage.store import Store
 from serve_app.telemetry.metrics import metric
@@ -34,12 +34,35 @@ from serve_app.telemetry.metrics import metric
 logger = logging.getLogger("ray.serve").getChild(__name__)
 
 
+def _value_refused(exc: DBAPIError) -> bool:
+    """The database refused a value or a constraint (SQLSTATE classes 22 and 23), as opposed
+    to failing as a whole. The asyncpg adapter raises a plain DBAPIError, so the SQLSTATE
+    decides, where the driver gives one."""
+    if isinstance(exc, DataError | IntegrityError):
+        return True
+    orig = exc.orig
+    code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    code = code or getattr(getattr(orig, "__cause__", None), "sqlstate", None)
+    return isinstance(code, str) and code[:2] in ("22", "23")
+
+
+def _refused(exc: Exception) -> bool:
+    return isinstance(exc, RecordRefusedError)
+
+
 @asynccontextmanager
 async def _database_errors(action: str) -> AsyncIterator[None]:
-    """A failing database is the caller's 503, with the reason in the replica's log only."""
+    """A failing database is the caller's 503, a refused value a 422; the reason goes to the
+    replica's log only."""
     try:
         yield
-    except (DBAPIError, OSError) as exc:
+    except DBAPIError as exc:
+        if not _value_refused(exc):
+            logger.warning("database error while %s: %r", action, exc)
+            raise DependencyUnavailableError(f"the database failed while {action}") from None
+        logger.warning("database refused a value while %s: %r", action, exc)
+        raise RecordRefusedError(f"the database refused the record while {action}") from None
+    except OSError as exc:
         logger.warning("database error while %s: %r", action, exc)
         raise DependencyUnavailableError(f"the database failed while {action}") from None
 
@@ -50,8 +73,13 @@ class Persistence:
         self.options = options or PersistenceOptions()
         self.store = Store(database_url)
         tuning = PersistenceTuning()
+        # Each row is a call of its own: when the database refuses one row of a group, the
+        # others are written again without it and only that row's request fails.
         self.committer: GroupCommitter[Generation, Generation] = GroupCommitter(
-            self._insert, max_rows=tuning.max_rows_per_commit, group=tuning.group_commit
+            self._insert,
+            max_rows=tuning.max_rows_per_commit,
+            group=tuning.group_commit,
+            isolate_failures=_refused,
         )
         self._started = asyncio.Lock()
         self._ready = False
@@ -91,9 +119,22 @@ class Persistence:
         metric("gpt2serve_persistence_rows_per_commit").observe(len(rows))
         return stored
 
-    async def record(self, rows: list[Generation]) -> list[Receipt]:
-        """Store `rows`; returns one receipt per row, in order, once they have committed."""
-        return [Receipt(g.id, g.created_at) for g in await self.committer.submit(rows)]
+    async def record(self, rows: list[Generation]) -> list[Receipt | RecordRefusedError]:
+        """Store `rows`; returns one outcome per row, in order, once they have committed: a
+        receipt, or the error of a row the database refused (the others still commit). A
+        database that fails as a whole fails the call (503)."""
+        outcomes = await asyncio.gather(
+            *(self.committer.submit([row]) for row in rows), return_exceptions=True
+        )
+        answer: list[Receipt | RecordRefusedError] = []
+        for outcome in outcomes:
+            if isinstance(outcome, RecordRefusedError):
+                answer.append(outcome)
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            else:
+                answer.append(Receipt(outcome[0].id, outcome[0].created_at))
+        return answer
 
     async def get(self, generation_id: str) -> Generation | None:
         store = await self._store()
@@ -115,11 +156,11 @@ class Persistence:
             return await store.chats(limit, **query)
 
     async def set_feedback(
-        self, generation_id: str, rating: int, comment: str | None
+        self, generation_id: str, rating: int, comment: str | None, key_name: str | None = None
     ) -> Generation | None:
         store = await self._store()
         async with _database_errors("storing feedback"):
-            return await store.set_feedback(generation_id, rating, comment)
+            return await store.set_feedback(generation_id, rating, comment, key_name)
 
     async def purge(self, older_than: datetime) -> int:
         store = await self._store()

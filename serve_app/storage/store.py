@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, delete, event, func, insert, or_, select, text, update
+from sqlalchemy import and_, delete, event, func, insert, or_, select, text, true, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
@@ -73,7 +73,15 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     return created_at, generation_id
 
 
-def _filtered(stmt, user_id: str | None, model: str | None, metadata: dict[str, str] | None):
+def _filtered(
+    stmt,
+    user_id: str | None,
+    model: str | None,
+    metadata: dict[str, str] | None,
+    key_name: str | None = None,
+):
+    if key_name is not None:
+        stmt = stmt.where(GenerationRow.key_name == key_name)
     if user_id is not None:
         stmt = stmt.where(GenerationRow.user_id == user_id)
     if model is not None:
@@ -203,6 +211,7 @@ class Store:
         since: datetime | None = None,
         until: datetime | None = None,
         metadata: dict[str, str] | None = None,
+        key_name: str | None = None,
     ) -> tuple[list[Generation], str | None]:
         """A page of rows, newest first, and the cursor of the next page (None on the last).
 
@@ -213,7 +222,7 @@ class Store:
             raise InvalidRequestError("limit must be at least 1", limit=limit)
         if since is not None and until is not None and naive_utc(since) > naive_utc(until):
             raise InvalidRequestError("since must not be later than until")
-        stmt = _filtered(select(GenerationRow), user_id, model, metadata)
+        stmt = _filtered(select(GenerationRow), user_id, model, metadata, key_name)
         if since is not None:
             stmt = stmt.where(GenerationRow.created_at >= naive_utc(since))
         if until is not None:
@@ -247,10 +256,11 @@ class Store:
         order: str = "asc",
         model: str | None = None,
         metadata: dict[str, str] | None = None,
+        key_name: str | None = None,
     ) -> tuple[list[Generation], bool]:
         """Stored chat completions (OpenAI's listing): oldest first (`order="asc"`) or newest
         first, after the record `after`; returns a page and whether more follow."""
-        stmt = _filtered(select(GenerationRow), None, model, metadata).where(
+        stmt = _filtered(select(GenerationRow), None, model, metadata, key_name).where(
             GenerationRow.messages.is_not(None)
         )
         async with self._session_factory()() as session:
@@ -274,17 +284,19 @@ class Store:
             return [from_row(row) for row in rows[:limit]], len(rows) > limit
 
     async def set_feedback(
-        self, id: str, rating: int, comment: str | None = None
+        self, id: str, rating: int, comment: str | None = None, key_name: str | None = None
     ) -> Generation | None:
         """Attach a 1-5 rating (and comment) to a record, replacing earlier feedback.
 
-        Returns the updated record once committed, or None if there is no such id.
+        Returns the updated record once committed, or None if there is no such id (or, with
+        `key_name`, none that key asked for).
         """
         if not 1 <= rating <= 5:
             raise InvalidRequestError("rating must be between 1 and 5", rating=rating)
         stmt = (
             update(GenerationRow)
             .where(GenerationRow.id == id)
+            .where(GenerationRow.key_name == key_name if key_name is not None else true())
             .values(feedback_rating=rating, feedback_comment=comment, feedback_at=_clock.now())
             .execution_options(synchronize_session=False)
         )

@@ -41,6 +41,8 @@ class GenerationRow(Base):
             "created_at",
             "id",
         ),
+        # One API key's records: its own history when keys are on.
+        Index("ix_generations_key_name_created_at_id", "key_name", "created_at", "id"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
@@ -54,6 +56,7 @@ class GenerationRow(Base):
     model_revision: Mapped[str] = mapped_column(String(128))
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
     user_id: Mapped[str | None] = mapped_column(String(128))
+    key_name: Mapped[str | None] = mapped_column(String(64))  # the API key's name
     cached: Mapped[bool] = mapped_column(Boolean)
     prompt_tokens: Mapped[int] = mapped_column(Integer)
     completion_tokens: Mapped[int] = mapped_column(Integer)

@@ -41,6 +41,7 @@ class RequestInfo:
     ttft_ms: float | None = None
     finish_reasons: list[str] = field(default_factory=list)
     prompt_text: list[str] | None = None  # only with log_prompts
+    key: str | None = None  # the API key's name (never the key)
 
     def answered(self, records: list[Generation], log_prompts: bool) -> None:
         """Note what was answered (called by the generation service)."""

@@ -141,7 +141,8 @@ def test_history_errors(client):
     assert_error(client.get("/history/does-not-exist"), 404, "not_found")
     assert_error(client.get("/history", params={"cursor": "garbage!!"}), 400, "invalid_cursor")
     assert_error(client.get("/history", params={"limit": 0}), 422)
-    assert_error(client.get("/history", params={"limit": 101}), 422)
+    assert_error(client.get("/history", params={"limit": 101}), 400, "invalid_request")  # the cap
+    assert_error(client.get("/history", params={"limit": 1001}), 422)
 
 
 def test_records_are_in_the_sqlite_file(client, tiny_app):
@@ -198,7 +199,9 @@ def test_model_switching_with_eviction(client):
     ("body", "status", "error_type"),
     [
         ({"prompts": []}, 422, "validation_error"),
-        ({"prompts": ["x"] * 11}, 422, "validation_error"),
+        ({"prompts": ["x"] * 65}, 422, "validation_error"),
+        ({"prompts": ["x"] * 33}, 400, "invalid_request"),  # limits.max_prompts_per_request
+        ({"prompts": ["x"], "max_new_tokens": 1025}, 400, "invalid_request"),
         ({"prompts": [""]}, 422, "validation_error"),
         ({"prompts": ["x"], "max_new_tokens": 0}, 422, "validation_error"),
         ({"prompts": ["x"], "max_new_tokens": 10000}, 422, "validation_error"),
@@ -307,5 +310,16 @@ def test_a_lone_surrogate_is_a_client_error_not_a_500(client):
     body = '{"model": "tiny-a", "prompt": "x", "stop": ["\\udfff"]}'
     r = client.post("/v1/completions", content=body, headers=headers)
     assert r.status_code == 400 and r.json()["error"]["param"] == "stop"
-    (fine,) = generate(client, prompts=[unique("héllo ☃ \u0000 nul")], max_new_tokens=2)
+    (fine,) = generate(client, prompts=[unique("héllo ☃ ünïcode")], max_new_tokens=2)
     assert "☃" in fine["prompt"]
+
+
+def test_nul_is_refused_at_the_door_on_every_database(client):
+    """PostgreSQL cannot store U+0000 in text, so it is refused before the model runs, on
+    SQLite too: an answer never depends on the database behind the service."""
+    r = client.post("/generate", json={"prompts": ["a \u0000 b"], "max_new_tokens": 2})
+    error = assert_error(r, 422, "validation_error")
+    assert "NUL" in error["message"]
+    chat = {"model": "tiny-a", "messages": [{"role": "user", "content": "hi\u0000"}]}
+    r = client.post("/v1/chat/completions", json=chat)
+    assert r.status_code == 400 and "NUL" in r.json()["error"]["message"]

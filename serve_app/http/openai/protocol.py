@@ -23,7 +23,7 @@ MAX_PROMPTS = 16
 MAX_PROMPT_CHARS = 20_000
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_CHAT_TOKENS = 64
-MAX_TOKENS = 1024
+MAX_TOKENS = 4096  # the ceiling; `limits.max_new_tokens` is the cap in force
 
 # Accepted only with the value that turns them off.
 _OFF: dict[str, tuple[Any, ...]] = {

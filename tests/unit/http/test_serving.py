@@ -26,7 +26,7 @@ class TestGenerateRequest:
         "payload",
         [
             {"prompts": []},
-            {"prompts": ["x"] * 11},
+            {"prompts": ["x"] * 65},
             {"prompts": [""]},
             {"prompts": ["   "]},
             {"prompts": ["x"], "max_new_tokens": 0},

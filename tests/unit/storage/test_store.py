@@ -311,7 +311,7 @@ async def test_a_database_from_before_migrations_keeps_its_rows(store_url: str) 
         Path(make_url(store_url).database or "").parent.mkdir(parents=True, exist_ok=True)
     engine = create_async_engine(store_url)
     legacy = to_values(_row(1), new_id(), datetime(2024, 1, 2, 3, 4, 5))
-    for later in ("finish_reason", "messages", "ttft_ms", "metadata"):  # later revisions
+    for later in ("finish_reason", "messages", "ttft_ms", "metadata", "key_name"):  # later ones
         del legacy[later]
 
     def make_legacy(conn):
