@@ -13,6 +13,7 @@ from serve_app.config import AppArgs, BatchingConfig, PersistenceTuning, resolve
 from serve_app.generation.generator import Generator
 from serve_app.http.ingress import Ingress
 from serve_app.storage.persistence import Persistence
+from serve_app.storage.preflight import check_database
 
 # On a 2-core box the ingress and the store are I/O-bound; the generator gets the CPU.
 DEFAULT_DEPLOYMENT_OPTIONS: dict[str, dict[str, Any]] = {
@@ -52,6 +53,7 @@ DEFAULT_DEPLOYMENT_OPTIONS: dict[str, dict[str, Any]] = {
 
 def build_app(args: AppArgs) -> Application:
     args = resolve_args(args)
+    check_database(args.database_url)  # unusable: DEPLOY_FAILED naming why, no replicas
     generator = Generator.options(**DEFAULT_DEPLOYMENT_OPTIONS["Generator"]).bind(args)
     store = Persistence.options(**DEFAULT_DEPLOYMENT_OPTIONS["Persistence"]).bind(
         args.database_url, args.persistence

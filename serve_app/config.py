@@ -113,6 +113,12 @@ class GeneratorOptions(_Strict):
             "which can starve big batches; None uses every core of the machine."
         ),
     )
+    crash_marker: str | None = Field(
+        default=None,
+        min_length=8,
+        description="Testing only: a prompt containing this string makes the decode thread "
+        "die as a crash would (the health and recovery tests use it). Never set in production.",
+    )
 
 
 class BatchingConfig(_Strict):
@@ -374,6 +380,25 @@ class LimitOptions(_Strict):
     )
 
 
+class TimeoutOptions(_Strict):
+    """How long the ingress waits for the other deployments (a Ray replica that died or hangs
+    must not hold a client). Persistence writes have `persistence.write_timeout_s`."""
+
+    generate_s: float = Field(
+        default=300.0,
+        gt=0,
+        le=3600,
+        description="For the generator to answer a prompt (its queue included), or to send the "
+        "next event of a stream; then a 504.",
+    )
+    read_s: float = Field(
+        default=15.0,
+        gt=0,
+        le=600,
+        description="For a read of the system of record (history, records, feedback); then a 503.",
+    )
+
+
 class AppArgs(_Strict):
     """The `args:` block of a Serve config file."""
 
@@ -419,6 +444,7 @@ class AppArgs(_Strict):
         "logs, only their counts and token numbers).",
     )
     access: AccessOptions = Field(default_factory=AccessOptions)
+    timeouts: TimeoutOptions = Field(default_factory=TimeoutOptions)
     limits: LimitOptions = Field(default_factory=LimitOptions)
     cache: CacheOptions = Field(default_factory=CacheOptions)
     generator: GeneratorOptions = Field(default_factory=GeneratorOptions)

@@ -116,6 +116,13 @@ class RateLimitedError(ServeError):
     error_type = "rate_limited"
 
 
+class UpstreamTimeoutError(ServeError):
+    """A deployment the ingress called did not answer within its timeout."""
+
+    status_code = 504
+    error_type = "timeout"
+
+
 class DependencyUnavailableError(ServeError):
     status_code = 503
     error_type = "dependency_unavailable"

@@ -103,16 +103,67 @@ def apply_ray_env(env: MutableMapping[str, str]) -> None:
             env.setdefault(key.strip(), value.strip())
 
 
+# The app's own settings: a test sets them explicitly, never inherits them.
+_APP_ENV = (
+    "REDIS_URL",
+    "DATABASE_URL",
+    "RAY_ADDRESS",
+    "CACHE_ADMIN_TOKEN",
+    "API_KEYS",
+    "ADMIN_API_KEYS",
+    "RATE_LIMIT",
+)
+
+
 def start_app(
     config: Path,
     workdir: Path,
     redis_url: str | None,
     database_url: str | None = None,
+    env: dict[str, str] | None = None,
     **overrides,
 ) -> tuple:
-    """`serve run` a copy of `config` on a free HTTP port; returns (process, app).
+    """`serve run` a copy of `config` on a free HTTP port and wait until it is healthy;
+    returns (process, app).
 
-    The database is a fresh SQLite file in `workdir` unless `database_url` names another."""
+    The database is a fresh SQLite file in `workdir` unless `database_url` names another;
+    `env` adds environment variables (API_KEYS, RATE_LIMIT, ...)."""
+    proc, app = launch_app(config, workdir, redis_url, database_url, env, **overrides)
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            stop_app(proc)
+            raise RuntimeError(f"serve run exited early:\n{app.log.read_text()[-4000:]}")
+        try:
+            r = httpx.get(f"{app.base_url}/healthz", timeout=5)
+            body = r.json()
+            last = body
+            if (
+                r.status_code == 200
+                and body["generator"]["status"] == "ok"
+                and (body["database"]["status"] == "ok")
+            ):
+                return proc, app
+        except (httpx.HTTPError, ValueError, KeyError):
+            pass
+        time.sleep(1)
+    stop_app(proc)
+    raise RuntimeError(
+        f"app not healthy in {STARTUP_TIMEOUT_S}s ({last}):\n{app.log.read_text()[-4000:]}"
+    )
+
+
+def launch_app(
+    config: Path,
+    workdir: Path,
+    redis_url: str | None,
+    database_url: str | None = None,
+    env: dict[str, str] | None = None,
+    **overrides,
+) -> tuple:
+    """`serve run` a copy of `config` on a free HTTP port, without waiting for it."""
+    extra_env = env or {}
     spec = yaml.safe_load(config.read_text())
     port = free_port()
     spec["http_options"] = {"host": "127.0.0.1", "port": port}
@@ -121,11 +172,8 @@ def start_app(
     db_path = workdir / "app.db"
     cfg = workdir / "serve_config.yaml"
     cfg.write_text(yaml.safe_dump(spec))
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("REDIS_URL", "DATABASE_URL", "RAY_ADDRESS", "CACHE_ADMIN_TOKEN")
-    }
+    env = {k: v for k, v in os.environ.items() if k not in _APP_ENV}
+    env.update(extra_env)
     env["DATABASE_URL"] = database_url or f"sqlite+aiosqlite:///{db_path}"
     env["HF_HUB_OFFLINE"] = "1"
     env["RAY_ADDRESS"] = "local"  # a private cluster, never one the developer is running
@@ -146,29 +194,7 @@ def start_app(
     app = RunningApp(
         f"http://127.0.0.1:{port}", db_path, redis_url, log, env["DATABASE_URL"], proc.pid
     )
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    last = "no answer"
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            stop_app(proc)
-            raise RuntimeError(f"serve run exited early:\n{log.read_text()[-4000:]}")
-        try:
-            r = httpx.get(f"{app.base_url}/healthz", timeout=5)
-            body = r.json()
-            last = body
-            if (
-                r.status_code == 200
-                and body["generator"]["status"] == "ok"
-                and (body["database"]["status"] == "ok")
-            ):
-                return proc, app
-        except (httpx.HTTPError, ValueError, KeyError):
-            pass
-        time.sleep(1)
-    stop_app(proc)
-    raise RuntimeError(
-        f"app not healthy in {STARTUP_TIMEOUT_S}s ({last}):\n{log.read_text()[-4000:]}"
-    )
+    return proc, app
 
 
 def descendants(root: int) -> list[int]:

@@ -75,6 +75,7 @@ class Generator:
             admit_min_rows=batching.admit_min_rows,
             admit_max_wait_s=batching.admit_max_wait_s,
             threads=self._threads,
+            crash_marker=args.generator.crash_marker,
         )
 
         from serve_app.models.resolve import prepare_model

@@ -37,6 +37,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger("ray.serve").getChild(__name__)
 
 
+class InjectedCrash(BaseException):
+    """Ends the decode thread as an unexpected crash would (tests of health and recovery)."""
+
+
 class SchedulerObserver(Protocol):
     """Receives what metrics need; called on the decode thread, so it must be cheap."""
 
@@ -101,8 +105,10 @@ class Scheduler:
         admit_min_rows: int = 1,
         admit_max_wait_s: float = 0.0,
         threads: ThreadBudget | None = None,
+        crash_marker: str | None = None,
     ) -> None:
         self.max_batch_size = max_batch_size
+        self.crash_marker = crash_marker  # testing only (GeneratorOptions.crash_marker)
         self.admit_min_rows = admit_min_rows
         self.admit_max_wait_s = admit_max_wait_s
         self.threads = threads  # None: leave torch's thread count alone
@@ -240,6 +246,12 @@ class Scheduler:
                 if not job.handed_over:
                     _resolve(job, GenerationFailedError("generation failed"))
             return
+        except BaseException:
+            # The thread is dying mid-admission: these jobs are in no queue and no batch that
+            # `_fail_everything` will see, so answer them here (a settled future is skipped).
+            for job in waiting:
+                _resolve(job, GeneratorUnavailableError("the generator's decode loop has stopped"))
+            raise
         if held:
             held.sort(key=lambda j: j.submitted)
             with self._lock:
@@ -270,6 +282,8 @@ class Scheduler:
         """Prefill `jobs` into `batch`; every job is answered from here on, whatever fails."""
         for job in jobs:
             job.handed_over = True
+            if self.crash_marker and self.crash_marker in job.request.prompt:
+                raise InjectedCrash("the decode thread was told to crash")
         now = time.perf_counter()
         try:
             if self.threads:

@@ -15,7 +15,12 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.domain import Generation, GenerationRequest, Receipt, TextDelta
-from serve_app.errors import DependencyUnavailableError, OverloadedError, ServeError
+from serve_app.errors import (
+    DependencyUnavailableError,
+    OverloadedError,
+    ServeError,
+    UpstreamTimeoutError,
+)
 from serve_app.http.errors import as_serve_error
 from serve_app.storage.group_commit import GroupCommitter
 from serve_app.telemetry.metrics import metric
@@ -40,14 +45,20 @@ def at_capacity(what: str) -> OverloadedError:
     return OverloadedError(f"the {what} is at capacity; retry later", retry_after_s=1.0)
 
 
-async def call(response: Any, what: str, timeout_s: float | None = None) -> Any:
-    """Await a handle call; infrastructure failures become a 503, meaningful errors pass."""
+async def call(
+    response: Any,
+    what: str,
+    timeout_s: float | None = None,
+    late: type[ServeError] = DependencyUnavailableError,
+) -> Any:
+    """Await a handle call; infrastructure failures become a 503, meaningful errors pass,
+    and a call past `timeout_s` is cancelled and answered with `late` (503 or 504)."""
     try:
         if timeout_s is None:
             return await response
         return await asyncio.wait_for(response, timeout_s)
     except asyncio.TimeoutError as exc:
-        raise DependencyUnavailableError(f"{what} did not answer in time") from exc
+        raise late(f"{what} did not answer in time ({timeout_s:g} s)") from exc
     except BackPressureError:
         raise at_capacity(what) from None
     except RayError as exc:
@@ -97,11 +108,16 @@ class HandleBackend:
     """The service's backend, reached through Ray Serve deployment handles."""
 
     def __init__(
-        self, generator: DeploymentHandle, store: DeploymentHandle, write_timeout_s: float
+        self,
+        generator: DeploymentHandle,
+        store: DeploymentHandle,
+        write_timeout_s: float,
+        generate_timeout_s: float = 300.0,
     ) -> None:
         self.generator = generator
         self.store = store
         self.write_timeout_s = write_timeout_s
+        self.generate_timeout_s = generate_timeout_s
         self.gate = OverloadGate()
         # Requests finishing together share one `record` call (a handle call costs more than a
         # row). Never retried: a call that failed may still have committed.
@@ -112,7 +128,12 @@ class HandleBackend:
     async def generate(self, request: GenerationRequest) -> Generation:
         handle = self.generator.options(multiplexed_model_id=request.model)
         async with self.gate.admitted():
-            return await call(handle.generate.remote(request), "generator")
+            return await call(
+                handle.generate.remote(request),
+                "generator",
+                self.generate_timeout_s,
+                UpstreamTimeoutError,
+            )
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[TextDelta | Generation]:
         handle = self.generator.options(multiplexed_model_id=request.model, stream=True)
@@ -126,7 +147,15 @@ class HandleBackend:
         responses = handle.generate_stream.remote(request)
         finished = False
         try:
-            async for item in responses:
+            while True:
+                try:  # a stalled stream (a dead or hung replica) must not hold the client
+                    item = await asyncio.wait_for(anext(responses), self.generate_timeout_s)
+                except StopAsyncIteration:
+                    break
+                except asyncio.TimeoutError:
+                    raise UpstreamTimeoutError(
+                        f"generator did not answer in time ({self.generate_timeout_s:g} s)"
+                    ) from None
                 yield item
             finished = True
         except BackPressureError:

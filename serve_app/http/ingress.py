@@ -133,7 +133,9 @@ class Ingress:
             args,
             self.catalog,
             self.cache,
-            HandleBackend(generator, store, args.persistence.write_timeout_s),
+            HandleBackend(
+                generator, store, args.persistence.write_timeout_s, args.timeouts.generate_s
+            ),
             RequestTelemetry(args.log_prompts),
         )
         self.openai = OpenAIServing(self.service)
@@ -195,14 +197,20 @@ class Ingress:
         limit = self._page(limit)
         if after is not None:
             query["after"] = record_id(after)
-        records, has_more = await call(self.store.chats.remote(limit, **query), "persistence")
+        records, has_more = await call(
+            self.store.chats.remote(limit, **query), "persistence", self.args.timeouts.read_s
+        )
         return self.openai.stored_chats(records, has_more)
 
     @api.get("/v1/chat/completions/{completion_id}", response_model=ChatCompletionResponse)
     async def stored_chat(
         self, completion_id: Annotated[str, Path(max_length=80)]
     ) -> ChatCompletionResponse:
-        stored = await call(self.store.get.remote(record_id(completion_id)), "persistence")
+        stored = await call(
+            self.store.get.remote(record_id(completion_id)),
+            "persistence",
+            self.args.timeouts.read_s,
+        )
         if not visible(stored) or stored.messages is None:
             raise NotFoundError(f"no chat completion with id {completion_id!r}")
         return self.openai.stored_chat(stored)
@@ -236,7 +244,9 @@ class Ingress:
         query["key_name"] = scoped_key_name(key_name)
         limit = self._page(limit)
         items, next_cursor = await call(
-            self.store.history.remote(limit, cursor, **query), "persistence"
+            self.store.history.remote(limit, cursor, **query),
+            "persistence",
+            self.args.timeouts.read_s,
         )
         return conditional_json(HistoryPage.from_generations(items, next_cursor), if_none_match)
 
@@ -246,7 +256,11 @@ class Ingress:
         generation_id: Annotated[str, Path(max_length=64)],
         if_none_match: Annotated[str | None, Header()] = None,
     ) -> Response:
-        stored = await call(self.store.get.remote(record_id(generation_id)), "persistence")
+        stored = await call(
+            self.store.get.remote(record_id(generation_id)),
+            "persistence",
+            self.args.timeouts.read_s,
+        )
         if not visible(stored):
             raise NotFoundError(f"no generation with id {generation_id!r}")
         return conditional_json(GenerationRecord.from_generation(stored), if_none_match)

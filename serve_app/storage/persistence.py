@@ -28,10 +28,14 @@ from serve_app.config import PersistenceOptions, PersistenceTuning
 from serve_app.domain import Generation, Receipt
 from serve_app.errors import DependencyUnavailableError, RecordRefusedError
 from serve_app.storage.group_commit import GroupCommitter
+from serve_app.storage.preflight import describe_failure
 from serve_app.storage.store import Store
 from serve_app.telemetry.metrics import metric
 
 logger = logging.getLogger("ray.serve").getChild(__name__)
+
+
+START_TIMEOUT_S = 20.0
 
 
 def _value_refused(exc: DBAPIError) -> bool:
@@ -84,13 +88,25 @@ class Persistence:
         self._started = asyncio.Lock()
         self._ready = False
         self.purged = 0
-        try:
-            await self._store()  # migrate now; if the database is down, the first call retries
-        except Exception as exc:
-            logger.warning("database not ready at start-up, will retry on use: %r", exc)
+        await self._start(database_url)
         self._retention: asyncio.Task[None] | None = None
         if self.options.retention_days is not None:
             self._retention = asyncio.get_running_loop().create_task(self._retention_loop())
+
+    async def _start(self, database_url: str) -> None:
+        """Connect and migrate, or stop the replica with one line naming the problem (a
+        driver missing, a server that does not answer, a file that cannot be written): an
+        app that came up green and answered every request 503 would hide it."""
+        try:
+            await asyncio.wait_for(self.store.start(), START_TIMEOUT_S)
+        except Exception as exc:
+            if isinstance(exc, asyncio.TimeoutError):
+                exc = TimeoutError(f"no answer within {START_TIMEOUT_S:g} s")
+            line = describe_failure(database_url, exc)
+            logger.error(line)
+            raise RuntimeError(line) from None
+        self._ready = True
+        logger.info("database schema at revision %s", self.store.schema_revision)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         tuning = PersistenceTuning.model_validate(user_config)

@@ -156,6 +156,20 @@ async def test_a_dead_decode_loop_answers_what_it_held_and_refuses_more(decoders
         s.submit(d1, [req("too late")])
 
 
+async def test_a_crash_while_admitting_answers_the_admitted_and_the_running(decoders, monkeypatch):
+    """The crash marker (a test hook) kills the thread inside an admission: the jobs of that
+    admission are in no queue and no batch, and are answered all the same."""
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)
+    d1, _ = decoders
+    s = Scheduler(max_batch_size=8, crash_marker="crash-marker-0")
+    running = await running_batch(s, d1, 2)
+    doomed = s.submit(d1, [req("fine"), req("a crash-marker-0 here"), req("also fine")])
+    for future in [*running, *doomed]:
+        with pytest.raises(GeneratorUnavailableError):
+            await asyncio.wait_for(future, 30)
+    await until(lambda: not s.alive)
+
+
 async def collect(channel: asyncio.Queue) -> tuple[list[TextDelta], Generation]:
     deltas = []
     while True:
