@@ -78,7 +78,7 @@ class Watched:
 
     def __init__(self, browser, base_url: str) -> None:
         self.base_url = base_url
-        self.context = browser.new_context(viewport={"width": 1280, "height": 900})
+        self.context = browser.new_context(viewport={"width": 1280, "height": 720})
         self.page = self.context.new_page()
         self.page.set_default_timeout(WAIT_MS)
         self.problems: list[str] = []

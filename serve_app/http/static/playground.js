@@ -239,7 +239,8 @@ function historyItem(record) {
   const when = document.createElement("time");
   when.dateTime = record.created_at;
   when.textContent = new Date(record.created_at).toLocaleString();
-  const details = [record.model_name, `${record.usage.completion_tokens} tokens`];
+  const tokens = record.usage.completion_tokens;
+  const details = [record.model_name, `${tokens} token${tokens === 1 ? "" : "s"}`];
   if (record.cached) details.push("cached");
   if (record.finish_reason === "cancelled") details.push("cancelled");
   meta.append(when, ` · ${details.join(" · ")}`);
