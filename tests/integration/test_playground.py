@@ -104,9 +104,17 @@ class Watched:
             key_field = page.get_by_label("API key")
             key_field.wait_for()
             refusal = httpx.get(self.base_url + "/v1/models").json()["error"]["message"]
-            assert page.get_by_role("alert").inner_text() == refusal
+            alert = page.get_by_role("alert")
+            assert alert.inner_text() == refusal
+            key_field.fill("not-the-key")  # refused again, with the API's message
+            page.get_by_role("button", name="Use key").click()
+            expect(alert).to_have_text(refusal)
             key_field.fill(key)
             page.get_by_role("button", name="Use key").click()
+            expect(alert).to_be_hidden()
+            # Kept for this tab only: sessionStorage, never localStorage.
+            stored = page.evaluate("() => Object.values(sessionStorage)")
+            assert stored == [key] and page.evaluate("() => localStorage.length") == 0
         picker = page.get_by_label("Model", exact=True)
         page.wait_for_function("() => document.getElementById('model').options.length > 0")
         assert picker.locator("option").all_inner_texts() == ["tiny-a", "tiny-b", "tiny-c"]
