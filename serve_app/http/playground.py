@@ -1,6 +1,7 @@
 """The playground: a page at `/` for trying the models in a browser (streamed output, history,
 feedback), served from the package's `static/` folder. Plain files, no build step, nothing
-fetched from elsewhere; the page and its assets need no API key (the API calls it makes do).
+fetched from elsewhere. The page and its assets need no API key (`access.PUBLIC_PATHS` and
+`PUBLIC_PREFIXES` name them); the API calls it makes do.
 """
 
 from __future__ import annotations
@@ -19,11 +20,6 @@ CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
     "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
-
-
-def is_playground_path(path: str) -> bool:
-    """The page and its assets: public even when API keys are configured."""
-    return path == "/" or path.startswith(STATIC_PREFIX + "/")
 
 
 def mount_playground(app: FastAPI) -> None:

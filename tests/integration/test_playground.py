@@ -4,16 +4,13 @@ feedback and find it stored. Writes docs/img/playground.png for the README."""
 
 from __future__ import annotations
 
-import os
 import re
 import uuid
 from pathlib import Path
-from unittest import mock
 
 import httpx
 import pytest
 
-from serve_app.config import EnvSettings
 from tests.conftest import ROOT, start_app, stop_app
 
 pytestmark = pytest.mark.integration
@@ -33,7 +30,6 @@ CHROMIUM_ARGS = [
 ]
 SCREENSHOT = ROOT / "docs" / "img" / "playground.png"
 API_KEY = "playground-test-key"
-KEYS_LANDED = "api_keys" in EnvSettings.model_fields
 WAIT_MS = 60_000
 
 
@@ -54,11 +50,13 @@ def browser():
 @pytest.fixture(scope="module")
 def keyed_app(tmp_path_factory, redis_server):
     """The tiny app with API keys configured (env API_KEYS), started for this module."""
-    if not KEYS_LANDED:
-        pytest.skip("API keys (issue 18) are not in this build: EnvSettings has no api_keys")
     workdir = tmp_path_factory.mktemp("keyed-app")
-    with mock.patch.dict(os.environ, {"API_KEYS": API_KEY}):
-        proc, app = start_app(ROOT / "configs" / "tiny.yaml", workdir, redis_server.url)
+    proc, app = start_app(
+        ROOT / "configs" / "tiny.yaml",
+        workdir,
+        redis_server.url,
+        env={"API_KEYS": f"playground={API_KEY}"},
+    )
     try:
         yield app
     finally:

@@ -1,25 +1,23 @@
-"""Which paths are the playground's (public even when API keys are on), and that the package
-holds every file the page names."""
+"""The playground stays public when API keys are on, and the package holds every file the
+page names."""
 
 import re
 
-import pytest
-
-from serve_app.http.playground import STATIC_DIR, is_playground_path
-
-
-@pytest.mark.parametrize("path", ["/", "/static/playground.js", "/static/playground.css"])
-def test_the_page_and_its_assets_are_playground_paths(path):
-    assert is_playground_path(path)
+from serve_app.http.access import PUBLIC_PATHS, PUBLIC_PREFIXES
+from serve_app.http.playground import STATIC_DIR, STATIC_PREFIX
 
 
-@pytest.mark.parametrize("path", ["/generate", "/history", "/v1/models", "/staticx", "//", ""])
-def test_api_routes_are_not(path):
-    assert not is_playground_path(path)
+def _assets() -> list[str]:
+    html = (STATIC_DIR / "index.html").read_text()
+    return re.findall(r'(?:src|href)="(/static/[^"]+)"', html)
 
 
 def test_every_asset_the_page_names_ships_in_the_package():
-    html = (STATIC_DIR / "index.html").read_text()
-    assets = re.findall(r'(?:src|href)="/static/([^"]+)"', html)
-    assert sorted(assets) == ["playground.css", "playground.js"]
-    assert all((STATIC_DIR / name).is_file() for name in assets)
+    assert sorted(_assets()) == ["/static/playground.css", "/static/playground.js"]
+    for path in _assets():
+        assert (STATIC_DIR / path.removeprefix(STATIC_PREFIX + "/")).is_file()
+
+
+def test_the_page_and_its_assets_need_no_key():
+    assert "/" in PUBLIC_PATHS
+    assert all(path.startswith(PUBLIC_PREFIXES) for path in _assets())
