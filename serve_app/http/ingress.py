@@ -45,6 +45,7 @@ from serve_app.http.openai.protocol import (
     ModelListResponse,
 )
 from serve_app.http.openai.serving import OpenAIServing, metadata_filter, record_id
+from serve_app.http.playground import mount_playground
 from serve_app.http.schemas import (
     CacheInvalidation,
     ErrorResponse,
@@ -72,6 +73,7 @@ api.add_middleware(BodyLimit)  # innermost: the middlewares below time and log i
 add_access_middleware(api)  # before the body is read: no key, no 1 MiB upload
 install_error_handlers(api)
 install_request_log(api)  # after the error handlers: it logs what they answered
+mount_playground(api)  # the page at / and its files under /static (docs stay at /docs)
 
 HEALTH_TIMEOUT_S = 2.0
 
