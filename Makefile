@@ -9,7 +9,8 @@ RAY_ENV := $(shell sed -n 's/^\([A-Z_][A-Z0-9_]*\)=.*/\1/p' configs/ray.env)
 $(foreach v,$(RAY_ENV),$(eval $(v) ?= $(shell sed -n 's/^$(v)=//p' configs/ray.env)))
 export $(RAY_ENV)
 
-.PHONY: install run run-tiny test test-unit lint load bench bench-quick bench-stream bench-cache clean
+.PHONY: install run run-tiny test test-unit lint load bench bench-quick bench-stream bench-overload \
+        bench-cache clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -53,6 +54,11 @@ bench-quick: install
 # and against the unstreamed route, in one run. Writes bench-results/stream.json.
 bench-stream: install
 	$(BIN)/python loadtests/bench_stream.py
+
+# Admission control: 32 users against 320 (10x) on configs/bench.yaml, in alternating windows.
+# Prints the table with the CPU flags, writes bench-results/overload.json.
+bench-overload: install
+	$(BIN)/python loadtests/bench_overload.py
 
 # Starts configs/tiny.yaml itself, or measures a running app: make bench-cache URL=http://...
 # Prints a table, writes bench-results/cache.json, exits non-zero when a target is missed.

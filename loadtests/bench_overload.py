@@ -1,0 +1,204 @@
+"""Overload benchmark: what admission control keeps when ten times more users arrive than a
+generator replica can batch, measured against the un-overloaded service in the same run.
+
+    make bench-overload          # or: python loadtests/bench_overload.py [--duration 30]
+
+The service from configs/bench.yaml (gpt2-124M stand-in, float32, cache off, one generator
+replica: 32 rows decode, 64 wait). Closed-loop users send /generate (greedy, 32 new tokens,
+unique prompts); a refused user waits what Retry-After says, as the openai client does. Windows
+alternate: 32 users (the baseline), then 320 (10x), `--pairs` times; a prober reads /livez
+five times a second throughout.
+
+Targets (medians over the pairs): accepted tok/s at 320 users >= 0.9 x at 32 users; refusals
+answered in < 100 ms p99; /livez < 1 s p99 under overload. Prints a table with the CPU flags,
+writes bench-results/overload.json, and exits non-zero when a target is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "loadtests"))
+
+from bench_batching import log, make_prompt, pct  # noqa: E402
+
+from tests.conftest import start_app, stop_app  # noqa: E402
+
+NEW_TOKENS = 32
+BASE_USERS = 32
+OVERLOAD = 10
+TOK_TARGET = 0.9
+REFUSAL_P99_TARGET_S = 0.1
+LIVEZ_P99_TARGET_S = 1.0
+MAX_RETRY_WAIT_S = 10.0
+
+
+def cpu_flags() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    flags = sorted(set(re.findall(r"\b(avx512[a-z_0-9]*|amx[a-z_0-9]*|avx2)\b", text)))
+    model = re.search(r"model name\s*:\s*(.+)", text)
+    return f"{model.group(1).strip() if model else 'unknown CPU'}; {' '.join(flags) or 'none'}"
+
+
+async def window(base_url: str, users: int, warmup_s: float, span_s: float) -> dict:
+    """`users` closed-loop clients; what finished inside the measured window counts."""
+    rng = random.Random(users)
+    served: list[tuple[float, int, float]] = []  # (finished at, tokens, latency)
+    refused: list[float] = []  # refusal latencies
+    livez: list[float] = []
+    errors: list[str] = []
+    limits = httpx.Limits(max_connections=users + 8, max_keepalive_connections=users + 8)
+    async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as client:
+        start = time.perf_counter()
+        end = start + warmup_s + span_s
+        lo, hi = start + warmup_s, end
+
+        async def user() -> None:
+            await asyncio.sleep(rng.random() * 2.0)  # spread the first arrivals
+            while time.perf_counter() < end:
+                body = {
+                    "prompts": [make_prompt(rng)],
+                    "max_new_tokens": NEW_TOKENS,
+                    "temperature": 0,
+                    "cache": False,
+                }
+                sent = time.perf_counter()
+                try:
+                    r = await client.post("/generate", json=body)
+                except httpx.HTTPError as exc:
+                    errors.append(type(exc).__name__)
+                    continue
+                now = time.perf_counter()
+                if r.status_code == 200:
+                    served.append((now, r.json()[0]["usage"]["completion_tokens"], now - sent))
+                elif r.status_code == 503 and "retry-after" in r.headers:
+                    if lo <= sent and now <= hi:
+                        refused.append(now - sent)
+                    wait = min(MAX_RETRY_WAIT_S, float(r.headers["retry-after"]))
+                    await asyncio.sleep(wait * (0.5 + rng.random()))  # jittered, as clients do
+                else:
+                    errors.append(f"{r.status_code} {r.text[:80]}")
+
+        async def prober() -> None:
+            while time.perf_counter() < end:
+                sent = time.perf_counter()
+                r = await client.get("/livez")
+                if r.status_code == 200 and sent >= lo:
+                    livez.append(time.perf_counter() - sent)
+                await asyncio.sleep(0.2)
+
+        await asyncio.gather(prober(), *(user() for _ in range(users)))
+    inside = [(t, n, lat) for t, n, lat in served if lo <= t <= hi]
+    return {
+        "users": users,
+        "tok_s": sum(n for _, n, _ in inside) / span_s,
+        "served": len(inside),
+        "latency_p50_s": pct([lat for _, _, lat in inside], 0.5),
+        "refused": len(refused),
+        "refusal_p50_s": pct(refused, 0.5) if refused else None,
+        "refusal_p99_s": pct(refused, 0.99) if refused else None,
+        "livez_p99_s": pct(livez, 0.99),
+        "livez_max_s": max(livez) if livez else None,
+        "errors": len(errors),
+        "error_samples": errors[:5],
+    }
+
+
+async def run(workdir: Path, duration_s: float, pairs: int) -> list[dict]:
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    proc, app = start_app(ROOT / "configs" / "bench.yaml", workdir, None)
+    results = []
+    try:
+        async with httpx.AsyncClient(base_url=app.base_url, timeout=600) as client:
+            body = {"prompts": ["warm up"], "max_new_tokens": 4}
+            (await client.post("/generate", json=body)).raise_for_status()
+        for _ in range(pairs):
+            for users in (BASE_USERS, BASE_USERS * OVERLOAD):
+                r = await window(app.base_url, users, 10.0, duration_s)
+                results.append(r)
+                refusal = (
+                    ""
+                    if r["refusal_p99_s"] is None
+                    else f", {r['refused']} refused p99 {r['refusal_p99_s'] * 1000:.0f} ms"
+                )
+                log(
+                    f"  {users:>3} users: {r['tok_s']:6.1f} tok/s, {r['served']} served, "
+                    f"p50 {r['latency_p50_s']:.2f} s{refusal}, /livez p99 "
+                    f"{r['livez_p99_s'] * 1000:.0f} ms, {r['errors']} errors"
+                )
+    finally:
+        stop_app(proc)
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=30.0, help="measured seconds/window")
+    parser.add_argument("--pairs", type=int, default=3, help="baseline/overload pairs")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "overload.json")
+    parser.add_argument("--workdir", type=Path, default=ROOT / "bench-results" / "overload-app")
+    ns = parser.parse_args()
+    ns.workdir.mkdir(parents=True, exist_ok=True)
+    flags = cpu_flags()
+    log(f"CPU: {flags}; {os.cpu_count()} cores")
+    results = asyncio.run(run(ns.workdir, ns.duration, ns.pairs))
+    base = results[0::2]
+    over = results[1::2]
+    ratios = [o["tok_s"] / b["tok_s"] for b, o in zip(base, over, strict=True)]
+    refusal_p99 = [o["refusal_p99_s"] for o in over if o["refusal_p99_s"] is not None]
+    tok_ratio = statistics.median(ratios)
+    refusal = statistics.median(refusal_p99) if refusal_p99 else float("nan")
+    livez = statistics.median(o["livez_p99_s"] for o in over)
+    checks = [
+        ("accepted tok/s at 320 users / at 32 users (median pair)", tok_ratio,
+         f">= {TOK_TARGET}", tok_ratio >= TOK_TARGET),
+        ("refusal latency p99 at 320 users (s, median)", refusal,
+         f"< {REFUSAL_P99_TARGET_S}", refusal < REFUSAL_P99_TARGET_S),
+        ("/livez p99 at 320 users (s, median)", livez,
+         f"< {LIVEZ_P99_TARGET_S}", livez < LIVEZ_P99_TARGET_S),
+    ]  # fmt: skip
+    print(f"\nCPU: {flags}")
+    print("users   tok/s  served  p50 s  refused  refusal p50  refusal p99  livez p99  errors")
+    for r in results:
+        p50 = "-" if r["refusal_p50_s"] is None else f"{r['refusal_p50_s'] * 1000:.0f} ms"
+        p99 = "-" if r["refusal_p99_s"] is None else f"{r['refusal_p99_s'] * 1000:.0f} ms"
+        print(
+            f"{r['users']:>5} {r['tok_s']:7.1f} {r['served']:>7} {r['latency_p50_s']:6.2f} "
+            f"{r['refused']:>8} {p50:>12} {p99:>12} {r['livez_p99_s'] * 1000:7.0f} ms "
+            f"{r['errors']:>7}"
+        )
+    print(f"\naccepted tok/s ratio by pair: {[round(x, 3) for x in ratios]}\n")
+    print(f"{'check':58} {'value':>7}  target   ok")
+    for name, value, target, ok in checks:
+        print(f"{name:58} {value:7.3f}  {target:7}  {'PASS' if ok else 'FAIL'}")
+    report = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "cpu": flags,
+        "ratios": ratios,
+        "windows": results,
+        "checks": [{"check": c[0], "value": c[1], "target": c[2], "ok": c[3]} for c in checks],
+    }
+    ns.out.parent.mkdir(parents=True, exist_ok=True)
+    ns.out.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {ns.out}")
+    return 0 if all(c[3] for c in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
