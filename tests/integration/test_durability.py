@@ -45,6 +45,7 @@ def unique(text: str) -> str:
 
 RETENTION_DAYS = 30
 WRITE_TIMEOUT_S = 2.0
+GENERATE_TIMEOUT_S = 20.0  # a SIGKILLed generator must not hold a client longer
 EXPIRED_ID = "00000000-0000-7000-8000-0000000000e1"
 
 
@@ -101,6 +102,7 @@ def app(request, tmp_path_factory, redis_server) -> Iterator[RunningApp]:
             redis_server.url,
             url,
             persistence={"retention_days": RETENTION_DAYS, "write_timeout_s": WRITE_TIMEOUT_S},
+            timeouts={"generate_s": GENERATE_TIMEOUT_S, "read_s": 10},
         )
         try:
             yield running
@@ -320,6 +322,7 @@ class Load:
         self.app = app
         self.ok: list[dict] = []
         self.failed: list[tuple[int, dict]] = []
+        self.slowest_s = 0.0
         self.stop = threading.Event()
         self.lock = threading.Lock()
         self.threads = [threading.Thread(target=self._run, args=(k,)) for k in range(clients)]
@@ -330,8 +333,10 @@ class Load:
             while not self.stop.is_set():
                 n += 1
                 prompts = [unique(f"load {k} {n} {j}") for j in range(1 + n % 3)]
+                started = time.monotonic()
                 r = client.post("/generate", json={"prompts": prompts, "max_new_tokens": 4})
                 with self.lock:
+                    self.slowest_s = max(self.slowest_s, time.monotonic() - started)
                     if r.status_code == 200:
                         self.ok += r.json()
                     else:
@@ -398,6 +403,8 @@ def test_zero_loss_when_replicas_are_killed_under_load(app: RunningApp) -> None:
         _kill_and_wait_for_restart(app, load, "Generator")
         _kill_and_wait_for_restart(app, load, "Persistence")
     assert not any(t.is_alive() for t in load.threads), "a client request hung"
+    # No request waited past the ingress's timeouts (the generator's, then the write's).
+    assert load.slowest_s < GENERATE_TIMEOUT_S + WRITE_TIMEOUT_S + 5, load.slowest_s
 
     for status, body in load.failed:
         assert 500 <= status < 600, (status, body)
