@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import re
@@ -34,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "loadtests"))
 
 from bench_batching import log, make_prompt, pct  # noqa: E402
+from report import finish  # noqa: E402
 
 from tests.conftest import start_app, stop_app  # noqa: E402
 
@@ -184,20 +184,7 @@ def main() -> int:
             f"{r['errors']:>7}"
         )
     print(f"\naccepted tok/s ratio by pair: {[round(x, 3) for x in ratios]}\n")
-    print(f"{'check':58} {'value':>7}  target   ok")
-    for name, value, target, ok in checks:
-        print(f"{name:58} {value:7.3f}  {target:7}  {'PASS' if ok else 'FAIL'}")
-    report = {
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "cpu": flags,
-        "ratios": ratios,
-        "windows": results,
-        "checks": [{"check": c[0], "value": c[1], "target": c[2], "ok": c[3]} for c in checks],
-    }
-    ns.out.parent.mkdir(parents=True, exist_ok=True)
-    ns.out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {ns.out}")
-    return 0 if all(c[3] for c in checks) else 1
+    return finish(ns.out, checks, cpu=flags, ratios=ratios, windows=results)
 
 
 if __name__ == "__main__":

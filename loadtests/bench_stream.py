@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "loadtests"))
 
 from bench_batching import RawModel, log, make_prompt, pct  # noqa: E402
+from report import finish  # noqa: E402
 
 from tests.conftest import start_app, stop_app  # noqa: E402
 
@@ -196,20 +197,9 @@ def main() -> int:
         )
     print(f"\nraw prefill + one decode step: {first_s * 1000:.1f} ms")
     print(f"32 users, streamed / unstreamed tok/s by pair: {[round(r, 3) for r in pair_ratios]}\n")
-    print(f"{'check':50} {'value':>7}  target   ok")
-    for name, value, target, ok in checks:
-        print(f"{name:50} {value:7.3f}  {target:7}  {'PASS' if ok else 'FAIL'}")
-    report = {
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "raw_first_token_s": first_s,
-        "pair_ratios_32": pair_ratios,
-        "windows": results,
-        "checks": [{"check": c[0], "value": c[1], "target": c[2], "ok": c[3]} for c in checks],
-    }
-    ns.out.parent.mkdir(parents=True, exist_ok=True)
-    ns.out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {ns.out}")
-    return 0 if all(c[3] for c in checks) else 1
+    return finish(
+        ns.out, checks, raw_first_token_s=first_s, pair_ratios_32=pair_ratios, windows=results
+    )
 
 
 if __name__ == "__main__":
