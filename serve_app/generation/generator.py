@@ -27,6 +27,8 @@ from serve_app.generation.scheduler import Scheduler
 
 logger = logging.getLogger("ray.serve").getChild(__name__)
 
+DEFAULT_RETRY_AFTER_S = 5.0  # until the completion rate is known
+
 
 class ResidentModel:
     """A loaded model as held by the multiplexer; tells the replica when Ray evicts it."""
@@ -158,10 +160,13 @@ class Generator:
         self._finished.append(time.monotonic())
 
     def _drain_s(self, queued: int) -> float:
-        """How long the queue ahead takes to clear at the recent completion rate (1-30 s)."""
+        """How long the queue ahead takes to clear at the recent completion rate (1-30 s).
+        Before enough requests have finished to tell, 5 s: a Retry-After of 1 would bring
+        every refused client straight back, and their round trips eat the cores the admitted
+        requests decode on."""
         recent = [t for t in self._finished if t > time.monotonic() - 30.0]
-        if len(recent) < 2 or recent[-1] <= recent[0]:
-            return 1.0
+        if len(recent) < 8 or recent[-1] <= recent[0]:
+            return DEFAULT_RETRY_AFTER_S
         rate = (len(recent) - 1) / (recent[-1] - recent[0])
         return min(30.0, max(1.0, queued / rate))
 
