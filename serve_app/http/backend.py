@@ -76,18 +76,23 @@ class OverloadGate:
         self.inflight = 0
         self.limit = 0
         self.until = 0.0
+        self.retry_after_s = 1.0
 
     def enter(self) -> None:
-        left = self.until - time.monotonic()
-        if left > 0 and self.inflight >= self.limit:
+        if self.until > time.monotonic() and self.inflight >= self.limit:
             metric("gpt2serve_requests_refused").inc(tags={"reason": "overloaded"})
-            raise OverloadedError("the generator is at capacity; retry later", retry_after_s=left)
+            # The generator's own estimate, not what is left of it: a client told "1 s" at
+            # the end of the window would be back at once, with everyone else.
+            raise OverloadedError(
+                "the generator is at capacity; retry later", retry_after_s=self.retry_after_s
+            )
         self.inflight += 1
 
     def leave(self, refusal: OverloadedError | None = None) -> None:
         if refusal is not None:
             self.limit = max(1, self.inflight - 1)  # the refused call itself was in flight
-            self.until = time.monotonic() + float(refusal.details.get("retry_after_s") or 1.0)
+            self.retry_after_s = float(refusal.details.get("retry_after_s") or 1.0)
+            self.until = time.monotonic() + self.retry_after_s
         self.inflight -= 1
 
     @asynccontextmanager
