@@ -8,6 +8,7 @@ for the settings that differ between machines (where Redis and the database live
 from __future__ import annotations
 
 import hashlib
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -16,8 +17,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Stand-in architectures: the real GPT-2 family shapes, plus tiny shapes for tests.
 Architecture = Literal["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2", "tiny"]
-DType = Literal["float32", "bfloat16", "int8-dynamic"]
+DType = Literal["float32", "int8", "bfloat16", "float16"]
+Device = Literal["auto", "cpu", "cuda"]
 Kernels = Literal["onednn", "stock"]
+DTYPE_ALIASES = {"int8-dynamic": "int8"}
+"""Deprecated dtype spellings still accepted (with a warning), and what they mean now."""
 
 
 class _Strict(BaseModel):
@@ -83,7 +87,23 @@ class ModelSpec(_Strict):
         default=True,
         description="Serve the stand-in (with a loud warning) when `source` cannot be loaded.",
     )
-    dtype: DType = Field(default="float32", description="Inference precision on the CPU.")
+    dtype: DType = Field(
+        default="float32",
+        description=(
+            "Inference precision. `float32`: exact. `int8`: int8 weights of every linear layer "
+            "(LM head included), activations quantized per step; about 3x less memory. "
+            "`bfloat16`: only on CPUs with native bf16 (avx512_bf16 or AMX), refused elsewhere; "
+            "`float16`: CUDA only. `int8-dynamic` is a deprecated alias of `int8`."
+        ),
+    )
+    device: Device = Field(
+        default="auto",
+        description=(
+            "`auto`: the replica's GPU when Ray assigned one (deployment `num_gpus`), else the "
+            "CPU. `cuda`: a GPU is required; without one the replica fails at start-up. `cpu`: "
+            "never a GPU."
+        ),
+    )
     chat_template: ChatTemplate = Field(
         default_factory=ChatTemplate, description="Prompt format of /v1/chat/completions."
     )
@@ -93,9 +113,26 @@ class ModelSpec(_Strict):
             "Matmuls of float32 / bfloat16 models: `onednn` pre-packs every linear layer's "
             "weight for oneDNN (a 32-row float32 decode step's matmuls: 26.7 vs 76.4 ms on MKL, "
             "which does not use AVX-512 on AMD CPUs); `stock` keeps PyTorch's default "
-            "(MKL). Falls back to `stock` where oneDNN is missing. int8-dynamic has its own."
+            "(MKL). Falls back to `stock` where oneDNN is missing. int8 has its own."
         ),
     )
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype_alias(cls, dtype: object) -> object:
+        if isinstance(dtype, str) and dtype in DTYPE_ALIASES:
+            new = DTYPE_ALIASES[dtype]
+            warnings.warn(
+                f"dtype {dtype!r} is deprecated: write {new!r}", FutureWarning, stacklevel=2
+            )
+            return new
+        return dtype
+
+    @model_validator(mode="after")
+    def _dtype_fits_device(self) -> ModelSpec:
+        if self.dtype == "float16" and self.device == "cpu":
+            raise ValueError("dtype float16 needs a GPU: use device cuda or auto, or dtype int8")
+        return self
 
 
 class GeneratorOptions(_Strict):

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from serve_app.domain import FinishReason, Generation, GenerationRequest, SamplingParams
 from serve_app.errors import (
@@ -60,6 +61,7 @@ class BatchDecoder:
         self.pad_id = loaded.eos_token_id
         self.vocab_limit = loaded.vocab_limit
         self.n_positions = loaded.n_positions
+        self.device = torch.device(loaded.device)
 
     # -- validation -------------------------------------------------------------------------
     def _prepare(self, index: int, request: GenerationRequest) -> _Row:
@@ -124,14 +126,21 @@ class BatchDecoder:
         for which bf16 `linear` falls back to a batched matmul that copies the whole weight
         once per row (measured: 3.6 s of a 3.9 s bf16 prefill of 32 rows).
         """
+        if cache is None:
+            cache = DynamicCache()
+            cache.layer_class_to_replicate = SlackLayer
+        device = self.device
         out = self.body(
-            input_ids=input_ids,
-            attention_mask=attention,
-            position_ids=positions,
+            input_ids=input_ids.to(device),
+            attention_mask=attention.to(device),
+            position_ids=positions.to(device),
             past_key_values=cache,
             use_cache=True,
         )
-        return self.head(out.last_hidden_state[:, -1, :]), out.past_key_values
+        logits = self.head(out.last_hidden_state[:, -1, :])
+        if device.type != "cpu":  # sampling runs on the CPU, with per-row CPU generators
+            logits = logits.float().cpu()
+        return logits, out.past_key_values
 
     def result(self, request: GenerationRequest, row: _Row) -> Generation:
         info = self.loaded.info
@@ -254,6 +263,7 @@ class DecodeBatch:
         self._logits = self._logits.index_select(0, index)
         # Columns only retired rows attended to would cost every later step: cut them.
         start = int(self._attention.any(dim=0).nonzero()[0])
+        index = index.to(self.decoder.device)
         for layer in self._cache.layers:
             layer.keys = layer.keys.index_select(0, index)[:, :, start:]
             layer.values = layer.values.index_select(0, index)[:, :, start:]
@@ -268,6 +278,57 @@ class DecodeBatch:
         self._logits, self._cache = self.decoder.forward_last(
             next_ids, self._attention, self._last_pos.unsqueeze(-1), self._cache
         )
+
+
+class SlackLayer(DynamicLayer):
+    """A KV cache layer that appends in place: its keys and values are views of buffers with
+    `KV_SLACK` free time steps, so a decode step writes one column instead of copying the
+    whole cache (`DynamicLayer` concatenates: 20% of an int8 decode step of 32 rows, profiled
+    on 2 AVX2 cores). Whoever assigns `keys`/`values` (the batch stacking rows in or cutting
+    them out) replaces the views; the next update moves them into a fresh buffer."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.keys.numel() == 0:
+            self.keys, self.values = key_states, value_states
+            self._k_buf = self._v_buf = None
+            return self.keys, self.values
+        used, new = self.keys.shape[-2], key_states.shape[-2]
+        k_buf, v_buf = getattr(self, "_k_buf", None), getattr(self, "_v_buf", None)
+        fits = (
+            k_buf is not None
+            and _is_prefix_view(self.keys, k_buf)
+            and _is_prefix_view(self.values, v_buf)
+            and used + new <= k_buf.shape[-2]
+        )
+        if not fits:
+            k_buf, v_buf = _with_slack(self.keys, used + new), _with_slack(self.values, used + new)
+            self._k_buf, self._v_buf = k_buf, v_buf
+        k_buf[:, :, used : used + new] = key_states
+        v_buf[:, :, used : used + new] = value_states
+        self.keys, self.values = k_buf[:, :, : used + new], v_buf[:, :, : used + new]
+        return self.keys, self.values
+
+
+KV_SLACK = 32
+"""Free time steps a KV buffer gets when it is (re)allocated: a copy every 32 tokens, not 1."""
+
+
+def _with_slack(t: torch.Tensor, need: int) -> torch.Tensor:
+    shape = list(t.shape)
+    shape[-2] = need + KV_SLACK
+    buf = t.new_empty(shape)
+    buf[:, :, : t.shape[-2]] = t
+    return buf
+
+
+def _is_prefix_view(view: torch.Tensor, buf: torch.Tensor) -> bool:
+    return (
+        view.data_ptr() == buf.data_ptr()
+        and view.shape[:2] == buf.shape[:2]
+        and view.stride() == buf.stride()
+    )
 
 
 GROUP_MIN_TOKENS = 128

@@ -227,6 +227,10 @@ class ModelEntry(BaseModel):
     revision: str
     architecture: str
     dtype: str
+    device: str = Field(default="auto", description="auto, cpu or cuda, as configured")
+    kernel: str | None = Field(
+        default=None, description='Kernels the model runs on, e.g. "fbgemm int8 (AVX2)"'
+    )
     default: bool
     warning: str | None = None
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import logging
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from serve_app.config import ModelSpec
 from serve_app.errors import ModelUnavailableError
+from serve_app.models.device import Placement
 from serve_app.models.resolve import ModelInfo, describe_source, forget_resolution
 from serve_app.models.standin import ensure_standin
 
@@ -36,7 +36,11 @@ class LoadedModel:
     """Ids >= this are never sampled: min(embedding rows, tokenizer size)."""
     n_positions: int
     kernels: str = "stock"
-    """`onednn` when the linear layers run pre-packed oneDNN matmuls (`generation.kernels`)."""
+    """`onednn` when the linear layers run pre-packed oneDNN matmuls (`generation.kernels`),
+    `int8` for quantized ones, `cuda` on a GPU."""
+    placement: Placement | None = None
+    """Device, dtype and the kernels' name, as logged at start-up and shown by `GET /models`."""
+    device: str = "cpu"
 
 
 def load_model(spec: ModelSpec, info: ModelInfo, standin_dir: Path) -> LoadedModel:
@@ -47,7 +51,14 @@ def load_model(spec: ModelSpec, info: ModelInfo, standin_dir: Path) -> LoadedMod
     quietly loading the stand-in: callers key the response cache on the resolved
     `info.revision`, and stand-in text must never be cached under a real model's revision.
     The failed resolution is forgotten, so the next `resolve_model` looks at the source again
-    (and falls back to the stand-in then, if it is still unavailable and allowed)."""
+    (and falls back to the stand-in then, if it is still unavailable and allowed).
+
+    A model this replica cannot run as configured (`device.choose_placement`: cuda without a
+    GPU, bfloat16 without native bf16, ...) raises `ModelUnavailableError` before any weight
+    is read."""
+    from serve_app.models.device import local_placement
+
+    placement = local_placement(spec)
     if info.kind == "standin":
         model, tokenizer = _load_standin(spec, standin_dir)
     else:
@@ -61,22 +72,18 @@ def load_model(spec: ModelSpec, info: ModelInfo, standin_dir: Path) -> LoadedMod
                 model=spec.id,
             ) from exc
 
-    model = _apply_dtype(model, spec.dtype)
+    model, kernels = _place(model, placement)
     model.eval()
     model.requires_grad_(False)
-    from serve_app.generation.kernels import native_bfloat16, pack_linears, use_decode_attention
+    if spec.kernels == "onednn" and placement.dtype in ("float32", "bfloat16"):
+        from serve_app.generation.kernels import pack_linears
 
-    kernels = "stock"
-    if spec.kernels == "onednn" and spec.dtype != "int8-dynamic" and pack_linears(model):
+        if pack_linears(model):
+            kernels = "onednn"
+    if kernels in ("onednn", "int8"):
+        from serve_app.generation.kernels import use_decode_attention
+
         use_decode_attention(model)
-        kernels = "onednn"
-    if spec.dtype == "bfloat16" and not native_bfloat16():
-        logger.warning(
-            "model %r: this CPU has no bfloat16 kernels (oneDNN needs AVX-512); bfloat16 "
-            "matmuls fall back to slow generic code: expect it many times slower than float32 "
-            "(measured on an AVX-only CPU: 8 tokens for 8 rows 19 s against 0.6 s)",
-            spec.id,
-        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     eos_token_id = tokenizer.eos_token_id
@@ -92,6 +99,8 @@ def load_model(spec: ModelSpec, info: ModelInfo, standin_dir: Path) -> LoadedMod
         vocab_limit=min(model.config.vocab_size, len(tokenizer)),
         n_positions=int(model.config.n_positions),
         kernels=kernels,
+        placement=placement,
+        device=placement.device,
     )
 
 
@@ -128,47 +137,20 @@ def _from_pretrained(location: str, revision: str | None, local_files_only: bool
     return model, tokenizer
 
 
-def _apply_dtype(model, dtype: str):
+def _place(model, placement: Placement):
+    """`model` (float32, CPU) moved to its device and dtype; and the kernels' short name."""
     import torch
 
-    if dtype == "float32":
-        return model
-    if dtype == "bfloat16":
-        return model.to(torch.bfloat16)
-    if dtype == "int8-dynamic":
-        return _quantize_int8_dynamic(model)
-    raise ModelUnavailableError(f"unsupported dtype {dtype!r}", dtype=dtype)
+    if placement.device == "cuda":
+        dtype = getattr(torch, placement.dtype)
+        return model.to(device="cuda", dtype=dtype), "cuda"
+    if placement.dtype == "float32":
+        return model, "stock"
+    if placement.dtype == "bfloat16":
+        return model.to(torch.bfloat16), "stock"
+    if placement.dtype == "int8":
+        from serve_app.models.device import cpu_flags, int8_engine
+        from serve_app.models.int8 import quantize_int8
 
-
-def _quantize_int8_dynamic(model):
-    """int8 weights, fp32 activations quantized per batch, for every big matmul.
-
-    GPT-2's attention and MLP projections are transformers' `Conv1D` (a transposed Linear),
-    which `quantize_dynamic` does not know, so they become `nn.Linear` first. `lm_head` is
-    quantized too (it is the biggest single matmul of a decoding step); per-channel scales keep
-    its logits closest to fp32. Measured on the gpt2 stand-in (2 CPU cores): generating 4x32
-    tokens 2.1 s fp32, 0.84 s with the blocks only quantized, 0.29 s with lm_head as well.
-    """
-    import torch
-    from torch import nn
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-    from transformers.pytorch_utils import Conv1D
-
-    from serve_app.generation.kernels import replace_modules
-
-    def as_linear(conv: nn.Module) -> nn.Module | None:
-        if not isinstance(conv, Conv1D):
-            return None
-        linear = nn.Linear(conv.nx, conv.nf, device=conv.weight.device, dtype=conv.weight.dtype)
-        linear.weight = nn.Parameter(conv.weight.detach().t().contiguous(), requires_grad=False)
-        linear.bias = nn.Parameter(conv.bias.detach(), requires_grad=False)
-        return linear
-
-    replace_modules(model, as_linear)
-    with warnings.catch_warnings():
-        # torch.ao.quantization is deprecated in favour of torchao (not a dependency) but works.
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", message=".*quantize_per_(tensor|channel).*")
-        return quantize_dynamic(
-            model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True
-        )
+        return quantize_int8(model, int8_engine(cpu_flags())), "int8"
+    raise ModelUnavailableError(f"unsupported dtype {placement.dtype!r}", dtype=placement.dtype)

@@ -15,13 +15,14 @@ import logging
 import re
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 from serve_app.config import ModelSpec
 from serve_app.errors import ModelUnavailableError
 from serve_app.models import standin
+from serve_app.models.device import cpu_flags, local_placement, planned_kernel
 
 logger = logging.getLogger("ray.serve").getChild(__name__)
 
@@ -55,6 +56,9 @@ class ModelInfo:
     n_positions: int
     dtype: str
     warning: str | None = None
+    device: str = "auto"
+    kernel: str | None = None
+    """The kernels this machine's CPU (or a GPU) runs the model with: `device.planned_kernel`."""
 
     def to_public(self) -> dict:
         """The `/models` view: no filesystem locations (a local source shows as None)."""
@@ -66,6 +70,8 @@ class ModelInfo:
             "revision": self.revision,
             "architecture": self.architecture,
             "dtype": self.dtype,
+            "device": self.device,
+            "kernel": self.kernel,
             "warning": self.warning,
         }
 
@@ -95,6 +101,8 @@ def resolve_model(
     else:
         try:
             outcome = _resolve(spec, Path(standin_dir), hub_timeout_s, offline)
+            kernel = planned_kernel(spec, cpu_flags())
+            outcome = replace(outcome, device=spec.device, kernel=kernel)
         except ModelUnavailableError as exc:
             outcome = exc
         with _resolved_lock:
@@ -108,8 +116,13 @@ def prepare_model(
     spec: ModelSpec, standin_dir: Path, hub_timeout_s: float, offline: bool
 ) -> ModelInfo:
     """Resolve, and build the stand-in on disk if that is what will be served (blocking), so
-    a replica pays the one-time build at start-up rather than on a user's first request."""
+    a replica pays the one-time build at start-up rather than on a user's first request.
+    Raises `ModelUnavailableError` when the model cannot run on this replica as configured
+    (device cuda without a GPU, bfloat16 without native bf16): the replica fails to start
+    with that message rather than serving something else."""
     info = resolve_model(spec, standin_dir, hub_timeout_s, offline)
+    placement = local_placement(spec)  # refuses what this replica cannot run, before serving
+    logger.info("model %r runs on %s with %s kernels", spec.id, placement.device, placement.kernel)
     if info.kind == "standin":
         standin.ensure_standin(spec.architecture, spec.seed, spec.n_layer, standin_dir)
     return info

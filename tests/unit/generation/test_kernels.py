@@ -73,8 +73,11 @@ def test_every_matmul_of_the_model_is_packed(tmp_path):
 
 
 def test_stock_and_int8_models_keep_their_own_kernels(tmp_path):
-    for loaded in (load(tmp_path, kernels="stock"), load(tmp_path, dtype="int8-dynamic")):
-        assert loaded.kernels == "stock"
+    for loaded, name in (
+        (load(tmp_path, kernels="stock"), "stock"),
+        (load(tmp_path, dtype="int8"), "int8"),
+    ):
+        assert loaded.kernels == name
         assert not [m for m in loaded.model.modules() if isinstance(m, kernels.PackedLinear)]
 
 

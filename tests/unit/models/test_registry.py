@@ -23,6 +23,7 @@ from transformers import AutoTokenizer, GPT2LMHeadModel
 from serve_app.config import ModelSpec
 from serve_app.errors import ModelUnavailableError
 from serve_app.models import resolve as registry
+from serve_app.models.device import cpu_flags, planned_kernel
 from serve_app.models.loading import LoadedModel, load_model
 from serve_app.models.resolve import resolve_model
 from serve_app.models.standin import ensure_standin, standin_revision
@@ -154,8 +155,11 @@ def test_no_source_serves_the_standin_without_warning(standin_root):
         "revision": standin_revision("tiny", 0, None),
         "architecture": "tiny",
         "dtype": "float32",
+        "device": "auto",
+        "kernel": planned_kernel(spec(source=None), cpu_flags()),
         "warning": None,
     }
+    assert info.kernel.startswith(("oneDNN float32", "stock float32"))
 
 
 def test_revision_differs_across_seeds_and_layers(standin_root):
@@ -331,8 +335,13 @@ def test_loaded_standin_is_ready_for_inference(standin_root):
     assert loaded.tokenizer.decode(ids) == "The quick brown fox, again and again."
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "int8-dynamic"])
-def test_reduced_precision_stays_close_to_float32(standin_root, dtype):
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_reduced_precision_stays_close_to_float32(standin_root, dtype, monkeypatch):
+    from serve_app.models import device
+
+    # bfloat16 loads only where the CPU has native bf16: pretend it has (the tiny model's
+    # emulated bf16 is fast enough for a test).
+    monkeypatch.setattr(device, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
     reference = load_model(spec(), resolve_model(spec(), standin_root, 1.0, True), standin_root)
     model_spec = spec(dtype=dtype)
     info = resolve_model(model_spec, standin_root, 1.0, True)
@@ -349,6 +358,9 @@ def test_reduced_precision_stays_close_to_float32(standin_root, dtype):
         assert not any(isinstance(m, Conv1D) for m in modules)
         # 4 projections per block (qkv, attention out, MLP in, MLP out) plus lm_head.
         assert sum(isinstance(m, DynamicQuantizedLinear) for m in modules) == 4 * 2 + 1
+        # No float32 matrix stays: only layer norms, biases and position embeddings.
+        assert max(p.numel() for p in loaded.model.parameters()) <= 512 * 64
+        assert loaded.placement.kernel.endswith(f"int8 ({device.cpu_isa(device.cpu_flags())})")
 
     ref, out = logits(reference), logits(loaded)
     assert torch.isfinite(out).all()
@@ -385,25 +397,23 @@ def test_prepare_builds_the_standin_once_and_only_for_standins(standin_root, tin
     assert {p.name for p in standin_root.iterdir()} == before  # nothing built for a real model
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_bfloat16_without_cpu_support_is_loaded_with_a_warning(
-    standin_root, monkeypatch, caplog, native
+def test_bfloat16_without_native_cpu_support_is_refused_naming_the_feature(
+    standin_root, monkeypatch
 ):
-    """On a CPU oneDNN has no bfloat16 kernels for, bfloat16 still serves, but the operator is
-    told at load time that it will be far slower than float32 (the CPU decides which branch
-    this machine takes on its own; both are forced here)."""
-    from serve_app.generation import kernels
+    """An AVX2 CPU would run bfloat16 about 10x slower than float32: loading refuses, and the
+    message names the missing CPU feature, before any weight is read."""
+    from serve_app.models import device
 
-    monkeypatch.setattr(kernels, "native_bfloat16", lambda: native)
-    monkeypatch.setattr(kernels, "_checked", {})  # the packing probe asks it too: no leftovers
+    monkeypatch.setattr(device, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    monkeypatch.setattr(registry, "cpu_flags", device.cpu_flags)
+    registry.clear_resolution_cache()
     model_spec = spec(dtype="bfloat16")
-    with caplog.at_level(logging.WARNING):
-        loaded = load_model(
-            model_spec, resolve_model(model_spec, standin_root, 1.0, True), standin_root
-        )
-    assert next(loaded.model.parameters()).dtype == torch.bfloat16
-    warned = [r for r in caplog.records if "no bfloat16 kernels" in r.getMessage()]
-    assert bool(warned) is not native
+    info = resolve_model(model_spec, standin_root, 1.0, True)
+    assert "refused on this CPU" in info.kernel
+    with pytest.raises(ModelUnavailableError) as err:
+        load_model(model_spec, info, standin_root)
+    assert "avx512_bf16" in err.value.message and "amx_bf16" in err.value.message
+    assert "AVX2" in err.value.message
 
 
 def test_a_local_checkpoint_that_fails_to_load_is_named_without_its_path(

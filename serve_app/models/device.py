@@ -1,0 +1,164 @@
+"""Where a model runs and with which kernels: pure decisions, no torch import.
+
+A replica learns at start-up which device each model gets (`choose_placement`), from the
+model's `device` and `dtype`, what Ray assigned it (a GPU or not) and the CPU's feature flags.
+Everything a machine cannot do well is refused here with a message naming what is missing,
+before any weight is read: bfloat16 without native bf16 arithmetic (avx512_bf16 or AMX) runs
+about 10x slower than float32 on an AVX2 CPU, and a model asked to run on CUDA without a GPU
+would otherwise quietly crawl on the CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from serve_app.config import ModelSpec
+from serve_app.errors import ModelUnavailableError
+
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+"""CPU flags (as /proc/cpuinfo spells them) that give bfloat16 matmuls native arithmetic."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one model runs, and the kernels it gets there (named at start-up and in
+    `GET /models`)."""
+
+    device: str  # "cpu" or "cuda"
+    dtype: str
+    kernel: str
+
+
+def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
+    """The CPU's feature flags, from /proc/cpuinfo (Linux x86). Empty when unknown."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return frozenset()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def cpu_isa(flags: Iterable[str]) -> str:
+    """The best int8-relevant instruction set among `flags`, as kernels are named by it."""
+    flags = set(flags)
+    if "amx_int8" in flags:
+        return "AMX"
+    if "avx512_vnni" in flags:
+        return "AVX-512 VNNI"
+    if "avx512bw" in flags:
+        return "AVX-512"
+    if "avx_vnni" in flags:
+        return "AVX-VNNI"
+    if "avx2" in flags:
+        return "AVX2"
+    return "generic"
+
+
+def reported_flags(flags: Iterable[str]) -> list[str]:
+    """The flags worth printing beside a benchmark figure (SIMD width, int8 and bf16 support)."""
+    wanted = ("avx2", "fma", "avx512", "avx_vnni", "amx")
+    return sorted(f for f in flags if f.startswith(wanted))
+
+
+def int8_engine(flags: Iterable[str]) -> str:
+    """The `torch.backends.quantized.engine` for dynamic int8 linears on this CPU.
+
+    AVX2 without VNNI: `fbgemm`, measured fastest on the 124M model (see `docs/benchmarks.md`).
+    With VNNI or AMX: `x86`, PyTorch's own choice between fbgemm and oneDNN per shape (oneDNN
+    is the one with AMX kernels). Not measured here: no such CPU was at hand."""
+    isa = cpu_isa(flags)
+    return "x86" if isa in ("AMX", "AVX-512 VNNI") else "fbgemm"
+
+
+def missing_native_bf16(flags: Iterable[str]) -> str | None:
+    """Why bfloat16 is refused on this CPU, or None when it has native bf16."""
+    flags = set(flags)
+    if flags.intersection(NATIVE_BF16_FLAGS):
+        return None
+    return (
+        f"this CPU has no native bfloat16 ({' or '.join(NATIVE_BF16_FLAGS)} missing; it has "
+        f"{cpu_isa(flags)}): bfloat16 would run about 10x slower than float32. Use dtype int8 "
+        "(fast on any x86 CPU) or float32"
+    )
+
+
+def choose_placement(
+    spec: ModelSpec, gpu_ids: Iterable[str | int], cuda_available: bool, flags: Iterable[str]
+) -> Placement:
+    """The device and kernels of `spec` on a replica that Ray gave `gpu_ids` (empty: none),
+    where torch sees CUDA or not. Raises `ModelUnavailableError` with the reason when the
+    model cannot run here as configured."""
+    gpus = list(gpu_ids)
+    has_gpu = bool(gpus) and cuda_available
+    if spec.device == "cuda" and not has_gpu:
+        why = (
+            "Ray assigned this replica no GPU (set num_gpus: 1 on the Generator, e.g. "
+            "configs/gpu.yaml)"
+            if not gpus
+            else "torch sees no CUDA device (a CPU-only torch build, or no driver)"
+        )
+        raise ModelUnavailableError(
+            f"model {spec.id!r} has device cuda, but {why}", model=spec.id, reason="no_gpu"
+        )
+    if spec.device != "cpu" and has_gpu:
+        dtype = "float16" if spec.dtype == "int8" else spec.dtype
+        return Placement("cuda", dtype, f"cuda {dtype}")
+    flags = frozenset(flags)
+    if spec.dtype == "float16":
+        raise ModelUnavailableError(
+            f"model {spec.id!r}: dtype float16 runs on CUDA only and this replica has no GPU",
+            model=spec.id,
+            reason="no_gpu",
+        )
+    if spec.dtype == "bfloat16" and (why := missing_native_bf16(flags)):
+        raise ModelUnavailableError(
+            f"model {spec.id!r}: dtype bfloat16 refused: {why}", model=spec.id, reason="no_bf16"
+        )
+    isa = cpu_isa(flags)
+    if spec.dtype == "int8":
+        return Placement("cpu", "int8", f"{int8_engine(flags)} int8 ({isa})")
+    kernels = "oneDNN" if spec.kernels == "onednn" else "stock"
+    return Placement("cpu", spec.dtype, f"{kernels} {spec.dtype} ({isa})")
+
+
+def local_placement(spec: ModelSpec) -> Placement:
+    """`choose_placement` for this process: the GPUs Ray assigned this actor (outside Ray,
+    any GPU torch sees) and this machine's CPU flags. Imports torch."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    try:
+        import ray
+
+        in_ray = ray.is_initialized()
+        gpu_ids = ray.get_gpu_ids() if in_ray else []
+    except Exception:  # no Ray installed or no worker context
+        in_ray, gpu_ids = False, []
+    if not in_ray and cuda:
+        gpu_ids = [str(i) for i in range(torch.cuda.device_count())]
+    return choose_placement(spec, gpu_ids, cuda, cpu_flags())
+
+
+def planned_kernel(spec: ModelSpec, flags: Iterable[str]) -> str:
+    """What `GET /models` names before any replica has loaded `spec`: the CPU kernels this
+    machine would use, and the CUDA ones where the device asks for a GPU."""
+    cuda = f"cuda {'float16' if spec.dtype == 'int8' else spec.dtype}"
+    if spec.device == "cuda":
+        return cuda
+    try:
+        cpu = choose_placement(spec.model_copy(update={"device": "cpu"}), [], False, flags)
+    except (ModelUnavailableError, ValueError) as exc:
+        cpu_kernel = "refused on this CPU"
+        if spec.device == "cpu":
+            return f"{cpu_kernel}: {getattr(exc, 'message', exc)}"
+        return f"{cuda} on a GPU replica; {cpu_kernel}"
+    if spec.device == "auto":
+        return f"{cpu.kernel}; {cuda} on a GPU replica"
+    return cpu.kernel
