@@ -54,7 +54,7 @@ def quantize_int8(model: nn.Module, engine: str) -> nn.Module:
         if isinstance(child, Conv1D):
             linear = nn.Linear(child.nx, child.nf, device=child.weight.device)
             linear.weight = nn.Parameter(child.weight.detach().t().contiguous(), False)
-            linear.bias = nn.Parameter(child.bias.detach(), False)
+            linear.bias = nn.Parameter(child.bias.detach().clone(), False)  # see _own_storage
             return linear
         if isinstance(child, NewGELUActivation):
             return nn.GELU(approximate="tanh")
@@ -70,7 +70,30 @@ def quantize_int8(model: nn.Module, engine: str) -> nn.Module:
             model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True
         )
     model.set_input_embeddings(Int8Embedding(embedding.weight))
+    del embedding
+    _own_storage(model)
     return model
+
+
+def _own_storage(model: nn.Module) -> None:
+    """Copy what float32 tensors remain (layer norms, biases, position embeddings: 3 MB) out
+    of the checkpoint and hand the freed float32 weights back to the OS.
+
+    transformers maps the safetensors file and its tensors point into that mapping: while one
+    of them lives, the whole file's pages (500 MB for gpt2) stay resident. Freed heap memory
+    likewise stays in glibc's arenas until `malloc_trim`. Measured on gpt2 (process RSS):
+    1428 MB after quantizing, 599 MB with both released (float32: 1398 MB)."""
+    import ctypes
+    import gc
+
+    with torch.no_grad():
+        for tensor in (*model.parameters(), *model.buffers()):
+            tensor.data = tensor.data.clone()
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the memory is freed, just not returned yet
+        pass
 
 
 def resident_bytes(model: nn.Module) -> int:
