@@ -10,7 +10,7 @@ $(foreach v,$(RAY_ENV),$(eval $(v) ?= $(shell sed -n 's/^$(v)=//p' configs/ray.e
 export $(RAY_ENV)
 
 .PHONY: install run run-tiny test test-unit lint load bench bench-quick bench-stream bench-overload \
-        bench-cache clean
+        bench-cache eval-ppl clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,12 +43,20 @@ TIME  ?= 60s
 load: install
 	$(BIN)/locust -f loadtests/locustfile.py --headless -u $(USERS) -r $(USERS) -t $(TIME) --host $(HOST)
 
-# Batching benchmark: raw generate() vs the service, batching on/off, dtypes, mixed lengths.
+# Batching benchmark: raw generate() vs the service, batching on/off, dtypes, mixed lengths;
+# gpt2-int8 against CTranslate2 int8, int8 accuracy and memory (see docs/benchmarks.md).
 bench: install
 	$(BIN)/python loadtests/bench_batching.py
 
 bench-quick: install
 	$(BIN)/python loadtests/bench_batching.py --quick
+
+# Perplexity of MODEL (hub id, local save_pretrained dir, or standin:gpt2) on TEXT, in float32
+# and int8: what int8 costs on your weights. make eval-ppl MODEL=/models/gpt2 TEXT=corpus.txt
+MODEL ?= standin:gpt2
+TEXT  ?= loadtests/texts/accuracy.txt
+eval-ppl: install
+	$(BIN)/python loadtests/eval_ppl.py --model $(MODEL) --text $(TEXT)
 
 # Streaming: TTFT and inter-token latency at 1 and 32 streams, against raw prefill + one step
 # and against the unstreamed route, in one run. Writes bench-results/stream.json.

@@ -58,6 +58,15 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from loadtests.bench_int8 import (  # noqa: E402
+    Ct2Model,
+    accuracy,
+    cpu_description,
+    int8_checks,
+    memory,
+    print_int8_report,
+)
+from serve_app.models.device import cpu_flags, missing_native_bf16  # noqa: E402
 from tests.conftest import descendants, start_app, stop_app  # noqa: E402  (the same harness as the tests)
 
 WORDS = (
@@ -363,17 +372,25 @@ async def lone_latency(
 
 
 async def paired_windows(
-    app, proc, raw_model: RawModel, users: int, pairs: int, warmup: float, duration: float
+    app,
+    proc,
+    raw_model,
+    users: int,
+    pairs: int,
+    warmup: float,
+    duration: float,
+    model: str = "gpt2",
 ) -> list[dict]:
-    """Raw `generate()` at batch = `users` with the service frozen, then a service window right
-    after it, `pairs` times: each ratio compares two measurements seconds apart."""
+    """A baseline run at batch = `users` with the service frozen (raw `generate()`, or
+    CTranslate2 for `gpt2-int8`), then a service window of `model` right after it, `pairs`
+    times: each ratio compares two measurements seconds apart."""
     rows = []
     for i in range(pairs):
         with frozen(proc.pid):
             raw = raw_model.measure_one(users, 1)
         await asyncio.sleep(1.0)  # the thawed cluster catches up on its timers
         svc = await closed_loop(
-            app.base_url, users, warmup, duration, new_tokens=raw_model.new_tokens
+            app.base_url, users, warmup, duration, model=model, new_tokens=raw_model.new_tokens
         )
         pair = {
             "raw": raw,
@@ -383,7 +400,7 @@ async def paired_windows(
         }
         rows.append(pair)
         log(
-            f"  pair {i + 1}/{pairs}, {users:>2} users: raw (service frozen) "
+            f"  pair {i + 1}/{pairs}, {model}, {users:>2} users: {raw['kernels']} (frozen) "
             f"{raw['tok_s']:6.1f} tok/s, {raw['latency_s']:5.2f} s, {fmt_steal(raw['steal'])} | "
             f"service {svc['tok_s']:6.1f} tok/s, p50 {svc['p50_s']:5.2f} s, "
             f"{fmt_steal(svc['steal'])} | ratios {pair['tok_ratio']:.3f}, {pair['p50_ratio']:.3f}"
@@ -391,16 +408,22 @@ async def paired_windows(
     return rows
 
 
-async def run_service(args, raw: dict, raw_model: RawModel, workdir: Path) -> dict:
+async def run_service(args, raw: dict, raw_model: RawModel, ct2, workdir: Path) -> dict:
     out: dict = {"on": {}, "off": {}, "dtype": {}, "dtype_skipped": {}, "mixed": None, "pairs": {}}
+    out["int8_pairs"] = {}
     # A private cluster on loopback, started and stopped by this run: no dashboard token, so
     # `serve deploy` can change user_config live as an operator would.
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    proc, app = start_app(ROOT / "configs" / "bench.yaml", workdir, None)
+    config = ROOT / "configs" / "bench.yaml"
+    models = yaml.safe_load(config.read_text())["applications"][0]["args"]["models"]
+    if not missing_native_bf16(cpu_flags()):  # bfloat16 is refused on CPUs without it
+        models.append({**models[0], "id": "gpt2-bf16", "dtype": "bfloat16"})
+    dtype_models = [m["id"] for m in models if m["id"] != "gpt2"]
+    proc, app = start_app(config, workdir, None, models=models)
     cfg_path = workdir / "serve_config.yaml"
     try:
         async with httpx.AsyncClient(base_url=app.base_url, timeout=600) as client:
-            for model in ("gpt2", "gpt2-bf16", "gpt2-int8"):  # load (and warm) every model
+            for model in ("gpt2", *dtype_models):  # load (and warm) every model
                 body = {"prompts": ["warm up"], "max_new_tokens": 4, "model": model}
                 (await client.post("/generate", json=body)).raise_for_status()
 
@@ -431,6 +454,10 @@ async def run_service(args, raw: dict, raw_model: RawModel, workdir: Path) -> di
             else:
                 r = await closed_loop(app.base_url, users, w, d, new_tokens=args.new_tokens)
             out["on"][users] = r
+            if users in PAIRED_LEVELS and ct2 is not None:
+                out["int8_pairs"][users] = await paired_windows(
+                    app, proc, ct2, users, args.pairs, w, d, model="gpt2-int8"
+                )
             log(
                 f"  service, batching on,  {users:>2} users: {r['tok_s']:7.1f} tok/s, "
                 f"p50 {r['p50_s']:6.2f} s, p95 {r['p95_s']:6.2f} s ({r['requests']} req), "
@@ -440,7 +467,7 @@ async def run_service(args, raw: dict, raw_model: RawModel, workdir: Path) -> di
                 continue
             fp32_lone = await lone_latency(app.base_url, "gpt2", PROBE_TOKENS)
             bar = SKIP_SLOWER_THAN * fp32_lone
-            for model in ("gpt2-bf16", "gpt2-int8"):
+            for model in dtype_models:
                 # Twice the bar on a first request is decisive: no second one (6 s in bf16).
                 lone = await lone_latency(app.base_url, model, PROBE_TOKENS, enough_s=2 * bar)
                 if lone > bar:
@@ -555,6 +582,9 @@ def report(raw: dict, raw_stock: dict, svc: dict, args) -> dict:
         check("1 user: service p50 / raw b1 beside idle service", ratio, "report", True)
     windows = [*on.values(), *off.values(), *svc["dtype"].values()]
     windows += [p["service"] for rows in pairs.values() for p in rows]
+    windows += [p["service"] for rows in svc.get("int8_pairs", {}).values() for p in rows]
+    for c in int8_checks(svc.get("int8_pairs", {}), svc.get("accuracy"), svc.get("memory")):
+        check(*c)
     if svc.get("mixed"):
         windows.append(svc["mixed"])
     steals = [r["steal"] for r in windows if r.get("steal") is not None]
@@ -581,6 +611,10 @@ def report(raw: dict, raw_stock: dict, svc: dict, args) -> dict:
         ratio = bl[8]["p50_s"] / bl[64]["p50_s"]
         check("mixed lengths: p50(8 tokens) / p50(64 tokens)", ratio, "report", True)
 
+    cpu = cpu_description()
+    print(f"\nCPU: {cpu['model']}, {cpu['cores']} cores, kernels for {cpu['isa']}")
+    print(f"flags: {' '.join(cpu['flags'])}")
+    print_int8_report(svc.get("accuracy"), svc.get("memory"))
     print("\nraw = fastest raw generate() run at batch = users; stock = stock kernels")
     print(
         "\nusers | raw tok/s | stock tok/s | on tok/s | on p50 s | on p95 s | off tok/s | off p50 s"
@@ -667,6 +701,12 @@ def main() -> None:
         help="frozen-service raw run + service window pairs at 1 and 32 users (default 2 quick, 3)",
     )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument(
+        "--no-int8",
+        dest="int8",
+        action="store_false",
+        help="skip gpt2-int8 against CTranslate2, accuracy and memory",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "batching.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "bench-results" / "batching.png")
     args = parser.parse_args()
@@ -693,7 +733,25 @@ def main() -> None:
     log("2. service (configs/bench.yaml)")
     workdir = Path(os.environ.get("BENCH_WORKDIR", ROOT / "bench-results" / "run"))
     workdir.mkdir(parents=True, exist_ok=True)
-    svc = asyncio.run(run_service(args, raw_before, raw_model, workdir))
+    ct2 = None
+    if args.int8:
+        log("   int8: accuracy against float32, memory per replica, CTranslate2 baseline")
+        acc, mem = accuracy(), memory()
+        print_int8_report(acc, mem)
+        try:
+            ct2 = Ct2Model(
+                args.new_tokens,
+                args.threads,
+                workdir.parent / "ct2",
+                make_prompt,
+                cpu_ticks,
+                steal_share,
+            )
+        except ImportError:
+            log("  ctranslate2 is not installed (pip install -e '.[dev]'): no int8 baseline")
+    svc = asyncio.run(run_service(args, raw_before, raw_model, ct2, workdir))
+    if args.int8:
+        svc["accuracy"], svc["memory"] = acc, mem
     log("3. raw generate() again, service stopped")
     raw_after = raw_model.measure([1, 32], 1 if args.quick else 2)
     # The machine may have been busier during one raw run than another: the ratios use the
@@ -711,7 +769,7 @@ def main() -> None:
         )
     checks = report(raw, raw_stock, svc, args)
     results = {
-        "machine": {"cpus": os.cpu_count(), "threads": args.threads},
+        "machine": {**cpu_description(), "threads": args.threads},
         "new_tokens": args.new_tokens,
         "levels": args.levels,
         "duration_s": args.duration,

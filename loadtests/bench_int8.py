@@ -64,7 +64,9 @@ def _standin(dtype: str = "float32"):
 class Ct2Model:
     """CTranslate2 int8 on the same stand-in, with `measure_one` shaped like `RawModel`'s."""
 
-    def __init__(self, new_tokens: int, threads: int, workdir: Path, make_prompt) -> None:
+    def __init__(
+        self, new_tokens: int, threads: int, workdir: Path, make_prompt, cpu_ticks, steal_share
+    ) -> None:
         import ctranslate2
         from transformers import AutoTokenizer
 
@@ -87,6 +89,7 @@ class Ct2Model:
         self.compute_type = self.generator.compute_type
         self.new_tokens = new_tokens
         self.make_prompt = make_prompt
+        self._ticks, self._steal = cpu_ticks, steal_share
         self.rng = random.Random(0)
         self.run(1, 4)  # warm-up
 
@@ -104,15 +107,13 @@ class Ct2Model:
         return elapsed
 
     def measure_one(self, batch: int, reps: int) -> dict:
-        from bench_batching import cpu_ticks, steal_share
-
-        ticks = cpu_ticks()
+        ticks = self._ticks()
         latency = statistics.median(self.run(batch, self.new_tokens) for _ in range(reps))
         return {
             "latency_s": latency,
             "tok_s": batch * self.new_tokens / latency,
             "kernels": f"ctranslate2 {self.compute_type}",
-            "steal": steal_share(ticks, cpu_ticks()),
+            "steal": self._steal(ticks, self._ticks()),
         }
 
 
@@ -215,6 +216,33 @@ def memory(dtypes: tuple[str, ...] = ("float32", "int8")) -> dict:
         f, i = out["float32"], out["int8"]
         out["model_ratio"] = i["model_rss_mb"] / f["model_rss_mb"]
         out["process_ratio"] = i["process_rss_mb"] / f["process_rss_mb"]
+    return out
+
+
+INT8_TARGETS = {32: ("tok_ratio", ">=", 0.90), 1: ("p50_ratio", "<=", 1.20)}
+"""The issue's targets against CTranslate2 int8: tok/s at 32 users, p50 latency at 1 user."""
+
+
+def int8_checks(pairs: dict, acc: dict | None, mem: dict | None) -> list[tuple]:
+    """(name, value, target, ok) lines of the report: the paired CTranslate2 ratios (median
+    pair), the memory ratio, and accuracy (report only)."""
+    out = []
+    for users, (key, op, bound) in INT8_TARGETS.items():
+        rows = pairs.get(users)
+        if rows:
+            value = statistics.median(p[key] for p in rows)
+            ok = value >= bound if op == ">=" else value <= bound
+            what = "tok/s" if key == "tok_ratio" else "p50"
+            name = f"{users} users: gpt2-int8 {what} / CTranslate2 int8 b{users} (paired)"
+            out.append((name, value, f"{op} {bound}", ok))
+    if mem and "model_ratio" in mem:
+        ratio = mem["model_ratio"]
+        out.append(("memory: int8 / float32 RSS the model added", ratio, "<= 0.45", ratio <= 0.45))
+        out.append(("memory: int8 / float32 process RSS", mem["process_ratio"], "report", True))
+    if acc:
+        out.append(
+            ("accuracy: int8 top-1 agreement with float32", acc["top1_agreement"], "report", True)
+        )
     return out
 
 

@@ -93,8 +93,10 @@ def choose_placement(
     spec: ModelSpec, gpu_ids: Iterable[str | int], cuda_available: bool, flags: Iterable[str]
 ) -> Placement:
     """The device and kernels of `spec` on a replica that Ray gave `gpu_ids` (empty: none),
-    where torch sees CUDA or not. Raises `ModelUnavailableError` with the reason when the
-    model cannot run here as configured."""
+    where torch sees CUDA or not. `auto` takes the GPU when there is one; without one it runs
+    the CPU path (float16, a GPU dtype, as float32; int8 on a GPU as float16, since dynamic
+    int8 is a CPU kernel). Raises `ModelUnavailableError` with the reason when the model
+    cannot run here as configured."""
     gpus = list(gpu_ids)
     has_gpu = bool(gpus) and cuda_available
     if spec.device == "cuda" and not has_gpu:
@@ -111,12 +113,8 @@ def choose_placement(
         dtype = "float16" if spec.dtype == "int8" else spec.dtype
         return Placement("cuda", dtype, f"cuda {dtype}")
     flags = frozenset(flags)
-    if spec.dtype == "float16":
-        raise ModelUnavailableError(
-            f"model {spec.id!r}: dtype float16 runs on CUDA only and this replica has no GPU",
-            model=spec.id,
-            reason="no_gpu",
-        )
+    if spec.dtype == "float16":  # a GPU dtype: a replica without one runs the exact CPU path
+        spec = spec.model_copy(update={"dtype": "float32"})
     if spec.dtype == "bfloat16" and (why := missing_native_bf16(flags)):
         raise ModelUnavailableError(
             f"model {spec.id!r}: dtype bfloat16 refused: {why}", model=spec.id, reason="no_bf16"

@@ -5,6 +5,8 @@ so the choice is tested on a machine that has none; nothing here runs on CUDA.""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -83,11 +85,27 @@ def test_cuda_asked_for_and_absent_is_a_clear_error(gpu_ids, cuda, reason):
     assert reason in err.value.message and "'m'" in err.value.message
 
 
-def test_float16_needs_a_gpu():
-    with pytest.raises(ModelUnavailableError, match="float16 runs on CUDA only"):
-        choose_placement(spec(dtype="float16"), [], False, AVX2)
+def test_float16_is_a_gpu_dtype():
     with pytest.raises(ValidationError, match="float16 needs a GPU"):
         spec(dtype="float16", device="cpu")
+    # auto without a GPU: the exact CPU path, named as such.
+    cpu = choose_placement(spec(dtype="float16"), [], False, AVX2)
+    assert (cpu.device, cpu.dtype, cpu.kernel) == ("cpu", "float32", "oneDNN float32 (AVX2)")
+
+
+def test_the_gpu_config_gives_the_generator_a_gpu_and_cuda_models():
+    """configs/gpu.yaml: the Generator asks Ray for one GPU; with it every model runs on CUDA,
+    without it (a CPU-only node) on the CPU path."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[3]
+    config = yaml.safe_load((root / "configs" / "gpu.yaml").read_text())
+    app = config["applications"][0]
+    generator = next(d for d in app["deployments"] if d["name"] == "Generator")
+    assert generator["ray_actor_options"]["num_gpus"] == 1
+    models = AppArgs.model_validate(app["args"]).models
+    assert {choose_placement(m, ["0"], True, AVX2).device for m in models} == {"cuda"}
+    assert {choose_placement(m, [], False, AVX2).device for m in models} == {"cpu"}
 
 
 def test_this_machine_without_a_gpu_refuses_cuda_at_start_up(tmp_path):
