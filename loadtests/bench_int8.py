@@ -75,7 +75,7 @@ class Ct2Model:
 
         spec = ModelSpec(id="gpt2", architecture="gpt2", seed=0)
         info = prepare_model(spec, Path(resolve_args(AppArgs(models=[spec])).standin_dir), 1, True)
-        target = workdir / f"ct2-{info.revision}-int8"
+        target = workdir / f"ct2-{info.revision.replace(':', '-')}-int8"
         if not (target / "model.bin").exists():
             converter = ctranslate2.converters.TransformersConverter(info.location)
             tmp = target.with_suffix(".tmp")

@@ -244,3 +244,28 @@ def test_dropped_rows_stop_and_the_rest_continue(decoder):
         decoder.tokenizer.decode(rows[0].tokens)
         == lone(decoder, req("keep me", max_new_tokens=8)).completion
     )
+
+
+def test_the_kv_cache_grows_in_place_and_gives_generates_tokens(decoder):
+    """Decode steps write into slack in the cache's buffers instead of copying it (one
+    reallocation per `KV_SLACK` tokens), and the tokens are those of transformers' own
+    `generate()` with its concatenating cache."""
+    import torch
+
+    from serve_app.generation.engine import KV_SLACK
+
+    request = req("The kv cache", max_new_tokens=2 * KV_SLACK)
+    rows, _ = decoder.prepare([request])
+    batch = prefill(decoder, rows)
+    pointers = []
+    while batch.rows:
+        batch.step()
+        if batch.rows:
+            pointers.append(batch._cache.layers[0].keys.data_ptr())
+    assert len(set(pointers)) <= 3  # the prefill's tensor, then one buffer per KV_SLACK steps
+    ids = torch.tensor([rows[0].prompt_ids])
+    with torch.inference_mode():
+        reference = decoder.loaded.model.generate(
+            ids, max_new_tokens=2 * KV_SLACK, do_sample=False, pad_token_id=decoder.pad_id
+        )
+    assert rows[0].tokens == reference[0, ids.shape[1] :].tolist()
