@@ -10,9 +10,11 @@
    kernels too (`kernels: stock`, what the issue measured). The service is not running.
 2. Service: `serve run configs/bench.yaml` (cache off, unique prompts), closed-loop users at
    each concurrency level from the highest down; after the 32-user float32 windows, dtypes
-   (bfloat16, int8-dynamic) and mixed `max_new_tokens` (8/16/32/64) at 32 users. A dtype
-   whose lone 8-token request takes more than 4x float32's (bfloat16 on a CPU without
-   AVX-512) gets no 32-user window: the report gives the lone-request ratio instead. Tokens/s
+   (int8, and bfloat16 where the CPU has native bf16) and mixed `max_new_tokens` (8/16/32/64)
+   at 32 users. A dtype whose lone 8-token request takes more than 4x float32's gets no
+   32-user window: the report gives the lone-request ratio instead. At 1 and 32 users,
+   `gpt2-int8` is also paired with CTranslate2 int8 (`bench_int8.py`), which also measures
+   int8's accuracy and memory before the service starts. Tokens/s
    pro-rates completion tokens over the measurement window (after a warm-up); latency is
    client-side end to end. At 1 and 32 users, the levels the targets name, each service window
    comes right after a raw `generate()` run at batch = users made with every process of the
