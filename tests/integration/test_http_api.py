@@ -238,6 +238,8 @@ def test_models(client):
     for m in body["models"]:
         assert m["kind"] == "standin" and m["real_weights"] is False
         assert m["revision"].startswith("standin")
+        # The kernels named per model, for this machine's CPU, e.g. "oneDNN float32 (AVX2)".
+        assert m["device"] == "auto" and " float32 (" in m["kernel"], m
     assert len({m["revision"] for m in body["models"]}) == 3
 
 
