@@ -240,28 +240,44 @@ def install_access(app: FastAPI, access: Access | None) -> None:
 
 
 def add_access_middleware(app: FastAPI) -> None:
-    app.middleware("http")(access_control)
+    app.add_middleware(AccessControl)
 
 
-async def access_control(request: Request, call_next: Any) -> Any:
-    # Module level, not a closure: Ray pickles the FastAPI app (see telemetry.requests).
-    access: Access | None = getattr(request.app.state, "access", None)
-    if access is None:
-        return await call_next(request)
-    try:
-        who, quota = await access.admit(request)
-    except ServeError as exc:
-        if isinstance(exc, UnauthorizedError | ForbiddenError):
-            metric("gpt2serve_requests_refused").inc(tags={"reason": exc.error_type})
-        return serve_error_response(request, exc)
-    info = request_telemetry.current.get()
-    if info is not None:
-        info.key = who.key_name
-    token = caller.set(who)
-    try:
-        response = await call_next(request)
-    finally:
-        caller.reset(token)
-    if quota is not None:
-        response.headers.update(quota.headers())
-    return response
+class AccessControl:
+    """Pure ASGI middleware (module level: Ray pickles the FastAPI app). Not Starlette's
+    BaseHTTPMiddleware: a second one of those around the body cap made requests whose
+    neighbours' clients went away end in "No response returned" (a 500) under load."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        access: Access | None = None
+        if scope["type"] == "http":
+            access = getattr(scope["app"].state, "access", None)
+        if access is None:
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        try:
+            who, quota = await access.admit(request)
+        except ServeError as exc:
+            if isinstance(exc, UnauthorizedError | ForbiddenError):
+                metric("gpt2serve_requests_refused").inc(tags={"reason": exc.error_type})
+            await serve_error_response(request, exc)(scope, receive, send)
+            return
+        info = request_telemetry.current.get()
+        if info is not None:
+            info.key = who.key_name
+        extra = [(k.encode(), v.encode()) for k, v in quota.headers().items()] if quota else []
+
+        async def send_with_quota(message: dict) -> None:
+            if extra and message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        token = caller.set(who)
+        try:
+            await self.app(scope, receive, send_with_quota)
+        finally:
+            caller.reset(token)
