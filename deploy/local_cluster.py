@@ -25,9 +25,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
 STATE_DIR = Path("data/cluster")
 RAY = str(Path(sys.executable).parent / "ray")
 SERVE = str(Path(sys.executable).parent / "serve")
@@ -223,6 +227,15 @@ class LocalCluster:
             raise RuntimeError(f"serve {args[0]} failed:\n{result.stdout}\n{result.stderr}")
         return result.stdout
 
+    def running_replicas(self, deployment: str) -> list[dict]:
+        """The deployment's RUNNING replicas (with their `node_id`), from Serve's REST API."""
+        with urllib.request.urlopen(
+            f"{self.dashboard_url}/api/serve/applications/", timeout=10
+        ) as r:
+            (app,) = json.load(r)["applications"].values()
+        replicas = app["deployments"].get(deployment, {}).get("replicas", [])
+        return [r for r in replicas if r["state"] == "RUNNING"]
+
     def save(self, state_dir: Path = STATE_DIR) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
         (state_dir / "cluster.json").write_text(json.dumps(asdict(self), indent=2))
@@ -232,6 +245,28 @@ class LocalCluster:
         data = json.loads((state_dir / "cluster.json").read_text())
         data["head"], data["worker"] = Node(**data["head"]), Node(**data["worker"])
         return cls(**data)
+
+
+def small_cluster_config(port: int, target_ongoing_requests: float = 2) -> dict:
+    """configs/cluster.yaml sized for two raylets sharing two cores: a tiny stand-in model,
+    fractional CPUs per replica, at most 3 Generator replicas scaling out at
+    `target_ongoing_requests` (a tiny model never queues 24 requests a replica). The
+    autoscaling delays and everything else stay as shipped."""
+    spec = yaml.safe_load((ROOT / "configs" / "cluster.yaml").read_text())
+    spec["http_options"] = {"host": "127.0.0.1", "port": port}
+    app = spec["applications"][0]
+    app["args"]["models"] = [{"id": "tiny-a", "architecture": "tiny", "seed": 1}]
+    app["args"]["default_model"] = "tiny-a"
+    app["args"]["generator"]["torch_threads"] = 1
+    for deployment in app["deployments"]:
+        if deployment["name"] == "Generator":
+            deployment["ray_actor_options"] = {"num_cpus": 0.5}
+            deployment["autoscaling_config"].update(
+                max_replicas=3, target_ongoing_requests=target_ongoing_requests
+            )
+        else:
+            deployment["ray_actor_options"] = {"num_cpus": 0.1}
+    return spec
 
 
 def main() -> None:

@@ -4,9 +4,8 @@ under load, the worker node's raylet SIGKILLed mid-load, zero acknowledged rows 
 Generator scaling back in once idle.
 
 Marked `cluster`; needs PostgreSQL (TEST_POSTGRES_URL), as CI provides. The config is the
-shipped one with three test-sized changes: a tiny stand-in model, fractional CPUs per replica
-(two raylets share this machine's two cores) and a target of 2 ongoing requests per Generator
-replica, so that 6 clients of a tiny model ask for 3 replicas.
+shipped one made machine-sized (`small_cluster_config`): 6 clients of a tiny model ask for 3
+Generator replicas.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ import httpx
 import pytest
 import yaml
 
-from deploy.local_cluster import LocalCluster
+from deploy.local_cluster import LocalCluster, small_cluster_config
 from tests.conftest import (
     POSTGRES_URL,
     ROOT,
@@ -49,35 +48,13 @@ DOWNSCALE_LIMIT_S = 180
 CLIENTS = 6
 
 
-def cluster_test_config(port: int) -> dict:
-    spec = yaml.safe_load((ROOT / "configs" / "cluster.yaml").read_text())
-    spec["http_options"] = {"host": "127.0.0.1", "port": port}
-    app = spec["applications"][0]
-    app["args"]["models"] = [{"id": "tiny-a", "architecture": "tiny", "seed": 1}]
-    app["args"]["default_model"] = "tiny-a"
-    app["args"]["generator"]["torch_threads"] = 1
-    for deployment in app["deployments"]:
-        if deployment["name"] == "Generator":
-            deployment["ray_actor_options"] = {"num_cpus": 0.5}
-            deployment["autoscaling_config"].update(max_replicas=3, target_ongoing_requests=2)
-        else:
-            deployment["ray_actor_options"] = {"num_cpus": 0.1}
-    return spec
-
-
 class ClusterApp(RunningApp):
     def __init__(self, cluster: LocalCluster, port: int, database_url: str) -> None:
         super().__init__(f"http://127.0.0.1:{port}", Path(), None, Path(), database_url)
         self.cluster = cluster
 
-    def serve_details(self) -> dict:
-        r = httpx.get(f"{self.cluster.dashboard_url}/api/serve/applications/", timeout=10)
-        r.raise_for_status()
-        return r.json()
-
     def replicas(self, deployment: str) -> list[dict]:
-        (app,) = self.serve_details()["applications"].values()
-        return [r for r in app["deployments"][deployment]["replicas"] if r["state"] == "RUNNING"]
+        return self.cluster.running_replicas(deployment)
 
     def nodes(self) -> dict[str, dict]:
         r = httpx.get(f"{self.cluster.dashboard_url}/api/v0/nodes", timeout=10)
@@ -99,7 +76,7 @@ def cluster_app(tmp_path_factory, redis_server) -> Iterator[ClusterApp]:
         cluster.start(env)
         port = free_port()
         config = workdir / "cluster.yaml"
-        config.write_text(yaml.safe_dump(cluster_test_config(port)))
+        config.write_text(yaml.safe_dump(small_cluster_config(port)))
         cluster.serve("deploy", str(config), env=env)
         app = ClusterApp(cluster, port, database_url)
         _wait(lambda: _healthy(app.base_url), STARTUP_TIMEOUT_S, "the app on the cluster")
