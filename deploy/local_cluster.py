@@ -227,12 +227,15 @@ class LocalCluster:
             raise RuntimeError(f"serve {args[0]} failed:\n{result.stdout}\n{result.stderr}")
         return result.stdout
 
+    def serve_details(self) -> dict:
+        """Serve's REST API: applications, their status and message, replicas and nodes."""
+        url = f"{self.dashboard_url}/api/serve/applications/"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return json.load(response)
+
     def running_replicas(self, deployment: str) -> list[dict]:
         """The deployment's RUNNING replicas (with their `node_id`), from Serve's REST API."""
-        with urllib.request.urlopen(
-            f"{self.dashboard_url}/api/serve/applications/", timeout=10
-        ) as r:
-            (app,) = json.load(r)["applications"].values()
+        (app,) = self.serve_details()["applications"].values()
         replicas = app["deployments"].get(deployment, {}).get("replicas", [])
         return [r for r in replicas if r["state"] == "RUNNING"]
 

@@ -17,6 +17,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import gevent
@@ -33,7 +34,7 @@ STAGES = [(30, 1), (60, 3), (90, 6), (150, 9), (180, 4), (200, 1), (330, 0)]
 BUCKET_S = 5
 MAX_NEW_TOKENS = 32
 SAMPLES: list[tuple[float, float, int]] = []  # (finished at, latency s, completion tokens)
-FAILURES: list[float] = []
+FAILURES: list[tuple[float, str]] = []  # (at, status and error type)
 
 
 class RampShape(LoadTestShape):
@@ -57,7 +58,11 @@ class DemoUser(HttpUser):
                 tokens = sum(rec["usage"]["completion_tokens"] for rec in r.json())
                 SAMPLES.append((time.monotonic(), time.monotonic() - started, tokens))
             else:
-                FAILURES.append(time.monotonic())
+                try:
+                    kind = r.json()["error"]["type"]
+                except (ValueError, KeyError, TypeError):
+                    kind = "no JSON error"
+                FAILURES.append((time.monotonic(), f"{r.status_code} {kind}"))
                 r.failure(f"{r.status_code}")
 
 
@@ -90,7 +95,7 @@ def buckets(started: float, users: list[tuple[float, int]], replicas: list[tuple
     for lo in range(0, int(end) + 1, BUCKET_S):
         hi = lo + BUCKET_S
         done = [(lat, tok) for at, lat, tok in SAMPLES if lo <= at - started < hi]
-        fails = sum(lo <= at - started < hi for at in FAILURES)
+        fails = sum(lo <= at - started < hi for at, _ in FAILURES)
         n_users = [u for t, u in users if lo <= t < hi]
         n_repl = [r for t, r in replicas if lo <= t < hi]
         rows.append(
@@ -192,7 +197,8 @@ def main() -> None:
             f"{r['p50_ms']!s:>7} {r['tok_s']:>7} {r['errors']:>4}"
         )
     final = replicas[-1][1] if replicas else "?"
-    print(f"Generator replicas: 1 -> peak {peak} -> {final} at the end; {len(FAILURES)} errors")
+    kinds = Counter(kind for _, kind in FAILURES)
+    print(f"Generator replicas: 1 -> peak {peak} -> {final} at the end; errors: {dict(kinds)}")
     print(f"wrote {opts.png} and {opts.csv}")
 
 

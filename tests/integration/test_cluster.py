@@ -196,3 +196,21 @@ def test_node_loss_under_load_and_autoscaling(cluster_app: ClusterApp) -> None:
         f"{statuses.count(503)} requests got 503; scaled in to 1 after "
         f"{time.monotonic() - idle_from:.0f} s idle"
     )
+
+
+def test_a_deploy_without_redis_fails_with_a_message_naming_it(cluster_app, tmp_path) -> None:
+    """Runs last: it replaces the application. REDIS_URL blanked for the app (its
+    runtime_env), so `multi_node` must refuse to build it and say why in `serve status`."""
+    spec = small_cluster_config(free_port())
+    spec["applications"][0]["runtime_env"] = {"env_vars": {"REDIS_URL": ""}}
+    config = tmp_path / "no_redis.yaml"
+    config.write_text(yaml.safe_dump(spec))
+    cluster_app.cluster.serve("deploy", str(config))
+
+    def failed() -> dict | None:
+        (app,) = cluster_app.cluster.serve_details()["applications"].values()
+        return app if app["status"] == "DEPLOY_FAILED" else None
+
+    _wait(failed, 120, "the deploy to fail")
+    message = failed()["message"]
+    assert "multi_node is set" in message and "REDIS_URL" in message, message
