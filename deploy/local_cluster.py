@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -215,6 +216,11 @@ class LocalCluster:
             if not pids:
                 break
 
+    def destroy(self) -> None:
+        """Stop every process, then remove the temp dir (logs included)."""
+        self.stop()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
     def serve(self, *args: str, env: dict[str, str] | None = None) -> str:
         result = subprocess.run(
             [SERVE, *args, f"--address={self.dashboard_url}"],
@@ -289,7 +295,7 @@ def main() -> None:
         try:
             cluster.start()
         except Exception:
-            cluster.stop()
+            cluster.destroy()
             raise
         print(f"head {cluster.address}, dashboard {cluster.dashboard_url}")
         print(f"worker node proxy port {cluster.worker_proxy_port}; state in {state}")
@@ -298,10 +304,9 @@ def main() -> None:
         sys.exit(f"no local cluster recorded in {state}: make cluster-up first")
     cluster = LocalCluster.load(opts.state_dir)
     if opts.command == "down":
-        cluster.stop()
+        cluster.destroy()
         state.unlink()
-        print(f"stopped; removing {cluster.temp_dir}")
-        subprocess.run(["rm", "-rf", cluster.temp_dir], check=False)
+        print(f"stopped; removed {cluster.temp_dir}")
     elif opts.command == "deploy":
         print(cluster.serve("deploy", opts.config), end="")
     else:

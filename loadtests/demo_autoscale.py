@@ -179,7 +179,7 @@ def main() -> None:
         poller.kill()
     finally:
         if started_here:
-            cluster.stop()
+            cluster.destroy()
             (STATE_DIR / "cluster.json").unlink(missing_ok=True)
 
     rows = buckets(started, users, replicas)

@@ -11,7 +11,6 @@ Generator replicas.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import threading
 import time
@@ -71,8 +70,7 @@ def cluster_app(tmp_path_factory, redis_server) -> Iterator[ClusterApp]:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         apply_ray_env(env)
         cluster = LocalCluster.fresh(head_cpus=2, worker_cpus=2)
-        stack.callback(shutil.rmtree, cluster.temp_dir, True)
-        stack.callback(cluster.stop)
+        stack.callback(cluster.destroy)
         cluster.start(env)
         port = free_port()
         config = workdir / "cluster.yaml"
