@@ -108,3 +108,32 @@ observe-stop:
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .ruff_cache *.egg-info
+
+# A two-node Ray cluster on this machine (two raylets; deploy/local_cluster.py), for trying
+# configs/cluster.yaml and for the autoscaling demo. Every node shares the Redis and the
+# PostgreSQL named by REDIS_URL and DATABASE_URL, which must be set. Replicas import this
+# checkout (PYTHONPATH). Stop it with make cluster-down (it stops only its own processes).
+CLUSTER_CONFIG ?= configs/cluster.yaml
+.PHONY: cluster-env cluster-up cluster-deploy cluster-status cluster-down demo-autoscale
+cluster-env:
+	@test -n "$(REDIS_URL)" || { echo "set REDIS_URL: every node shares one Redis"; exit 2; }
+	@case "$(DATABASE_URL)" in postgresql*) ;; *) \
+		echo "set DATABASE_URL to PostgreSQL (postgresql+asyncpg://...): every node shares it"; \
+		exit 2;; esac
+
+cluster-up: install cluster-env
+	PYTHONPATH=$(CURDIR) $(BIN)/python deploy/local_cluster.py up
+
+cluster-deploy: install
+	$(BIN)/python deploy/local_cluster.py deploy $(CLUSTER_CONFIG)
+
+cluster-status: install
+	$(BIN)/python deploy/local_cluster.py status
+
+cluster-down: install
+	$(BIN)/python deploy/local_cluster.py down
+
+# Ramps load up and down on the local cluster (started for the run unless cluster-up did),
+# writes docs/img/autoscale.png and docs/autoscale.csv. About 6 minutes.
+demo-autoscale: install cluster-env
+	PYTHONPATH=$(CURDIR) HF_HUB_OFFLINE=1 $(BIN)/python loadtests/demo_autoscale.py

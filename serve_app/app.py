@@ -9,6 +9,7 @@ from typing import Any
 
 from ray.serve import Application
 
+from serve_app.cache.redis_host import RedisHost
 from serve_app.config import AppArgs, BatchingConfig, PersistenceTuning, resolve_args
 from serve_app.generation.generator import Generator
 from serve_app.http.ingress import Ingress
@@ -42,6 +43,8 @@ DEFAULT_DEPLOYMENT_OPTIONS: dict[str, dict[str, Any]] = {
         "user_config": BatchingConfig().model_dump(),
         "health_check_period_s": 10,
     },
+    # Only when no Redis is configured: the one embedded redis-server all Ingress replicas share.
+    "RedisHost": {"num_replicas": 1},
     "Persistence": {
         "num_replicas": 1,  # SQLite has one writer; group commit makes one replica enough
         "max_ongoing_requests": 512,
@@ -58,4 +61,8 @@ def build_app(args: AppArgs) -> Application:
     store = Persistence.options(**DEFAULT_DEPLOYMENT_OPTIONS["Persistence"]).bind(
         args.database_url, args.persistence
     )
-    return Ingress.options(**DEFAULT_DEPLOYMENT_OPTIONS["Ingress"]).bind(args, generator, store)
+    redis_host = None
+    if args.needs_redis and args.redis_url is None:
+        redis_host = RedisHost.options(**DEFAULT_DEPLOYMENT_OPTIONS["RedisHost"]).bind()
+    ingress = Ingress.options(**DEFAULT_DEPLOYMENT_OPTIONS["Ingress"])
+    return ingress.bind(args, generator, store, redis_host)

