@@ -9,6 +9,7 @@ needs no Ray import; the integration tests exercise it through the real deployme
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import re
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -308,8 +309,13 @@ class GenerationService:
 
     def keep(self, work: Any) -> None:
         """Run `work` to its end in the background, even when the request that started it is
-        cancelled (the task is held here until it is done)."""
-        task = asyncio.ensure_future(work)
+        cancelled (the task is held here until it is done). A coroutine runs in a context of
+        its own: Ray Serve cancels the handle calls made in a cancelled request's context,
+        which would drop the record of a stream whose client went away."""
+        if asyncio.iscoroutine(work):
+            task = asyncio.get_running_loop().create_task(work, context=contextvars.Context())
+        else:
+            task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

@@ -19,6 +19,7 @@ Plain asyncio with no Ray import, unit-tested against a real database.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections import deque
@@ -86,7 +87,10 @@ class GroupCommitter(Generic[RowT, ResultT]):
         future: asyncio.Future[list[ResultT]] = asyncio.get_running_loop().create_future()
         self._queue.append((list(rows), future))
         if len(self._writers) < self.concurrency:
-            self._writers.add(asyncio.create_task(self._drain()))
+            # A context of its own: the writer serves every caller, so it must not inherit
+            # (and be cancelled with) the request of whichever caller happened to start it.
+            writer = asyncio.create_task(self._drain(), context=contextvars.Context())
+            self._writers.add(writer)
         return await future
 
     def stats(self) -> dict[str, float | int | bool]:
