@@ -168,6 +168,11 @@ def launch_app(
     port = free_port()
     spec["http_options"] = {"host": "127.0.0.1", "port": port}
     app_args = spec["applications"][0]["args"]
+    if redis_url and "cache" not in overrides and "cache" in app_args:
+        # Apps of several modules share the session's redis-server: each gets a key prefix
+        # of its own, so one app's entries never show up in another's assertions.
+        cache = app_args["cache"]
+        overrides["cache"] = {**cache, "prefix": f"{cache.get('prefix', 'app')}-{workdir.name}"}
     app_args.update(overrides)
     db_path = workdir / "app.db"
     cfg = workdir / "serve_config.yaml"
