@@ -37,6 +37,10 @@ PUBLIC_PREFIXES = ("/static/",)
 ADMIN_ROUTES = frozenset({("DELETE", "/cache")})
 
 
+def is_public(path: str) -> bool:
+    return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+
+
 @dataclass(frozen=True)
 class Caller:
     """Who a request comes from: the key's name (None when keys are off) and its rights."""
@@ -96,7 +100,7 @@ class KeyRing:
         return found
 
     def authorize(self, method: str, path: str, authorization: str | None) -> Caller:
-        if path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES):
+        if is_public(path):
             return OPEN
         admin_route = (method, path) in ADMIN_ROUTES
         if not admin_route and not self.required:
@@ -216,8 +220,7 @@ class Access:
     async def admit(self, request: Request) -> tuple[Caller, Quota | None]:
         path = request.url.path
         who = self.keys.authorize(request.method, path, request.headers.get("authorization"))
-        public = path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
-        if self.limiter is None or public or who.admin:  # operators are not metered
+        if self.limiter is None or is_public(path) or who.admin:  # operators are not metered
             return who, None
         if who.key_name is not None:
             subject = f"key:{who.key_name}"

@@ -114,6 +114,7 @@ class Ingress:
         self.catalog = ModelCatalog(args, infos)
 
         self.cache = TieredCache(args.cache, None)
+        self._closing: set[asyncio.Task] = set()  # old rate-limiter clients being closed
         # An external Redis, or the app's one embedded redis-server (RedisHost) when unset.
         self.redis = RedisLink(self.cache, args.redis_url if args.needs_redis else None, redis_host)
         self.redis.on_connect(self._install_access)
@@ -136,6 +137,11 @@ class Ingress:
 
     def _install_access(self, redis_url: str | None) -> None:
         """API keys, and the rate limiter on this Redis (again when the embedded one moves)."""
+        old = getattr(api.state, "access", None)
+        if old is not None and old.limiter is not None:  # the embedded Redis moved
+            closing = asyncio.get_running_loop().create_task(old.limiter.redis.aclose())
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
         limiter = None
         if self.args.access.rate_limit is not None and redis_url is not None:
             limiter = RateLimiter(
