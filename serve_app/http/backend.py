@@ -154,7 +154,8 @@ class HandleBackend:
         try:
             while True:
                 try:  # a stalled stream (a dead or hung replica) must not hold the client
-                    item = await asyncio.wait_for(anext(responses), self.generate_timeout_s)
+                    async with asyncio.timeout(self.generate_timeout_s):  # no task per event
+                        item = await anext(responses)
                 except StopAsyncIteration:
                     break
                 except asyncio.TimeoutError:
