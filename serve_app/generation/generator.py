@@ -145,9 +145,10 @@ class Generator:
 
     def _enter(self) -> None:
         """Admission control, before any model work: a replica holding `max_queued_requests`
-        requests beyond the rows it decodes refuses the next one at once (503 + Retry-After),
-        so overload costs the refused client a round trip instead of a growing wait for all."""
-        queued = self._inflight - self._scheduler.active
+        requests beyond the rows it decodes (or prefills) refuses the next one at once (503 +
+        Retry-After), so overload costs the refused client a round trip instead of a growing
+        wait for all."""
+        queued = self._inflight - self._scheduler.started
         if queued >= self._max_queued:
             self.metrics.refused("overloaded")
             raise OverloadedError(

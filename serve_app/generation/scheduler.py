@@ -121,6 +121,7 @@ class Scheduler:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._running: dict[int, tuple[DecodeBatch, dict[int, _Job]]] = {}
+        self._prefilling = 0  # rows in a prefill now: started, though in no batch yet
         self._dead = False
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="decode-loop", daemon=True)
@@ -175,6 +176,13 @@ class Scheduler:
     def active(self) -> int:
         """Rows decoding now (read from another thread: a momentary figure)."""
         return sum(len(batch) for batch, _ in list(self._running.values()))
+
+    @property
+    def started(self) -> int:
+        """Rows decoding or in their prefill now: what admission control must not count as
+        waiting. Between a batch finishing and its successors' prefill ending no row decodes,
+        yet nothing waits (a momentary figure, read from another thread)."""
+        return self.active + self._prefilling
 
     # -- decode thread ----------------------------------------------------------------------
     def _loop(self) -> None:
@@ -285,6 +293,7 @@ class Scheduler:
             if self.crash_marker and self.crash_marker in job.request.prompt:
                 raise InjectedCrash("the decode thread was told to crash")
         now = time.perf_counter()
+        self._prefilling = len(jobs)
         try:
             if self.threads:
                 self.threads.for_prefill()
@@ -297,6 +306,8 @@ class Scheduler:
             for job in jobs:
                 _resolve(job, GenerationFailedError("generation failed"))
             return
+        finally:
+            self._prefilling = 0
         for row in rows:
             job = jobs[row.index]
             job.admitted = now

@@ -170,6 +170,32 @@ async def test_a_crash_while_admitting_answers_the_admitted_and_the_running(deco
     await until(lambda: not s.alive)
 
 
+async def test_rows_in_their_prefill_count_as_started_not_waiting(decoders, monkeypatch):
+    """Admission control refuses on what waits (submitted, not started). While a finished
+    batch's successors are in their prefill no row decodes, yet none of them waits."""
+    d1, _ = decoders
+    entered, release = threading.Event(), threading.Event()
+    prepare = d1.prepare
+
+    def slow_prepare(requests):
+        entered.set()
+        release.wait(30)
+        return prepare(requests)
+
+    monkeypatch.setattr(d1, "prepare", slow_prepare)
+    s = Scheduler(max_batch_size=4)
+    try:
+        futures = s.submit(d1, [req(f"prompt {i}", max_new_tokens=3) for i in range(6)])
+        await until(entered.is_set)
+        assert (s.active, s.started) == (0, 4)
+        release.set()
+        await asyncio.gather(*futures)
+        assert s.started == 0
+    finally:
+        release.set()
+        s.stop()
+
+
 async def collect(channel: asyncio.Queue) -> tuple[list[TextDelta], Generation]:
     deltas = []
     while True:
