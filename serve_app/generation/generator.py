@@ -145,10 +145,13 @@ class Generator:
 
     def _enter(self) -> None:
         """Admission control, before any model work: a replica holding `max_queued_requests`
-        requests beyond the rows it decodes (or prefills) refuses the next one at once (503 +
-        Retry-After), so overload costs the refused client a round trip instead of a growing
-        wait for all."""
-        queued = self._inflight - self._scheduler.started
+        requests beyond what its batches take refuses the next one at once (503 + Retry-After),
+        so overload costs the refused client a round trip instead of a growing wait for all."""
+        # A batch's free rows are filled at its next step, and rows that finish are answered
+        # before the step's forward pass (their callers can be back before it ends): so a
+        # whole batch counts as started even while fewer rows decode.
+        scheduler = self._scheduler
+        queued = self._inflight - max(scheduler.started, scheduler.max_batch_size)
         if queued >= self._max_queued:
             self.metrics.refused("overloaded")
             raise OverloadedError(
