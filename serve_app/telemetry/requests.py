@@ -107,34 +107,45 @@ def _route(request: Request) -> str:
 
 def install_request_log(app: FastAPI) -> None:
     """Add the middleware (install it after the error handlers: it must see their answers)."""
-    app.middleware("http")(request_log)
+    app.add_middleware(RequestLog)
 
 
-async def request_log(request: Request, call_next: Any) -> Any:
-    # Module level, not a closure: Ray pickles the FastAPI app, and a closure would carry
-    # the context variable (which cannot be pickled) by value.
-    started = time.perf_counter()
-    info = RequestInfo(_request_id(request), request.url.path)
-    token = current.set(info)
-    try:
-        response = await call_next(request)
-    except Exception:
-        _finish(request, info, 500, started)
-        raise
-    finally:
-        current.reset(token)
-    # No X-Request-Id header here: Ray Serve's proxy echoes the same id on every response.
-    body = response.body_iterator
+class RequestLog:
+    """Pure ASGI middleware (module level: Ray pickles the FastAPI app). Not Starlette's
+    BaseHTTPMiddleware, which runs the rest of the app in a task of its own behind memory
+    streams: a cost every request pays, a 503 refusal included. No X-Request-Id header is
+    added: Ray Serve's proxy echoes the same id on every response."""
 
-    async def logged() -> Any:  # the line is written once the body (or stream) has gone
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request = Request(scope)
+        info = RequestInfo(_request_id(request), request.url.path)
+        status = 500
+        finished = False
+
+        async def send_and_log(message: dict) -> None:
+            # The line is written once the body (or stream) has gone.
+            nonlocal status, finished
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                finished = True
+                _finish(request, info, status, started)
+
+        token = current.set(info)
         try:
-            async for chunk in body:
-                yield chunk
+            await self.app(scope, receive, send_and_log)
         finally:
-            _finish(request, info, response.status_code, started)
-
-    response.body_iterator = logged()
-    return response
+            current.reset(token)
+            if not finished:  # an exception, or a client gone mid-stream
+                _finish(request, info, status, started)
 
 
 def _finish(request: Request, info: RequestInfo, status: int, started: float) -> None:
