@@ -50,7 +50,7 @@ OVERLOAD = 10
 TOK_TARGET = 0.9
 REFUSAL_P99_TARGET_S = 0.1
 LIVEZ_P99_TARGET_S = 1.0
-MAX_RETRY_WAIT_S = 30.0  # the longest Retry-After the service sends
+MAX_RETRY_WAIT_S = 60.0  # the longest Retry-After the service sends
 
 
 def cpu_flags() -> str:

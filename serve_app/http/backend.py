@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -70,30 +71,68 @@ class OverloadGate:
     its Retry-After, a call is refused here (no round trip through Ray, which is most of what a
     refusal costs) while this replica already has as many generator calls in flight as when
     the generator refused; below that, calls go through and the generator decides again.
-    Overload then costs the cores little, so the requests admitted keep their throughput."""
 
-    def __init__(self) -> None:
+    The Retry-After it sends is what a refused client can expect to wait with the others:
+    the clients waiting outside (Little's law: the Retry-After seconds handed out in the last
+    `WINDOW_S`, per second) over the rate calls are admitted, never less than the generator's
+    own estimate (its queue's drain time). A queue's drain time alone brought three times more
+    clients back than could get in, and their round trips took the cores from the rows being
+    decoded. The estimate of who waits does not depend on the Retry-After sent, so it settles
+    at once rather than swinging."""
+
+    WINDOW_S = 10.0
+    MAX_RETRY_AFTER_S = 60.0  # the longest the openai client honours
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
         self.inflight = 0
         self.limit = 0
         self.until = 0.0
-        self.retry_after_s = 1.0
+        self.retry_after_s = 1.0  # the generator's last estimate
+        self._refusals: deque[tuple[float, float]] = deque()  # (when, Retry-After sent)
+        self._admissions: deque[float] = deque()  # when calls were let through
 
     def enter(self) -> None:
-        if self.until > time.monotonic() and self.inflight >= self.limit:
+        if self.until > self.clock() and self.inflight >= self.limit:
             metric("gpt2serve_requests_refused").inc(tags={"reason": "overloaded"})
-            # The generator's own estimate, not what is left of it: a client told "1 s" at
-            # the end of the window would be back at once, with everyone else.
             raise OverloadedError(
-                "the generator is at capacity; retry later", retry_after_s=self.retry_after_s
+                "the generator is at capacity; retry later", retry_after_s=self._refused()
             )
         self.inflight += 1
+        self._admissions.append(self.clock())
 
     def leave(self, refusal: OverloadedError | None = None) -> None:
-        if refusal is not None:
-            self.limit = max(1, self.inflight - 1)  # the refused call itself was in flight
-            self.retry_after_s = float(refusal.details.get("retry_after_s") or 1.0)
-            self.until = time.monotonic() + self.retry_after_s
         self.inflight -= 1
+        if refusal is None:
+            return
+        if self._admissions:
+            self._admissions.pop()  # let through, but the generator refused it
+        self.limit = max(1, self.inflight)  # the refused call itself was in flight
+        # The generator's whole estimate, not what is left of it: a client told "1 s" at the
+        # end of the window would be back at once, with everyone else.
+        self.retry_after_s = float(refusal.details.get("retry_after_s") or 1.0)
+        self.until = self.clock() + self.retry_after_s
+        refusal.details["retry_after_s"] = self._refused()
+
+    def _refused(self) -> float:
+        """The Retry-After for a refusal now (see the class), noted for the next ones."""
+        now = self.clock()
+        horizon = now - self.WINDOW_S
+        while self._refusals and self._refusals[0][0] < horizon:
+            self._refusals.popleft()
+        while self._admissions and self._admissions[0] < horizon:
+            self._admissions.popleft()
+        oldest = min(
+            self._admissions[0] if self._admissions else now,
+            self._refusals[0][0] if self._refusals else now,
+        )
+        span = max(1.0, now - oldest)
+        waiting = sum(sent for _, sent in self._refusals) / span
+        admitted_per_s = max(1, len(self._admissions)) / span
+        retry_after = max(self.retry_after_s, waiting / admitted_per_s)
+        retry_after = min(self.MAX_RETRY_AFTER_S, retry_after)
+        self._refusals.append((now, retry_after))
+        return retry_after
 
     @asynccontextmanager
     async def admitted(self) -> AsyncIterator[None]:

@@ -59,7 +59,7 @@ def test_overload_is_answered_or_refused_at_once(tiny_app):
     assert codes[200] >= 16, codes  # at least a full queue was served
     for r in (r for r in responses if r.status_code == 503):
         assert r.json()["error"]["type"] == "overloaded", r.text
-        assert 1 <= int(r.headers["Retry-After"]) <= 30
+        assert 1 <= int(r.headers["Retry-After"]) <= 60
     refused_s = sorted(r.elapsed.total_seconds() for r in responses if r.status_code == 503)
     served_s = sorted(r.elapsed.total_seconds() for r in responses if r.status_code == 200)
     # A refusal does not wait for the queue: the median one is quicker than the median answer.
