@@ -69,9 +69,9 @@ def reported_flags(flags: Iterable[str]) -> list[str]:
 
 @dataclass(frozen=True)
 class Int8Engines:
-    """The `torch.backends.quantized` engines that run a dynamic int8 linear, by the rows (tokens)
-    it multiplies: `few_rows` below `min_rows`, `many_rows` from there on. One engine when both
-    are the same; two means each int8 weight is packed twice (once per engine)."""
+    """The kernels that run a dynamic int8 linear, by the rows (tokens) it multiplies: `few_rows`
+    below `min_rows`, `many_rows` from there on. One `torch.backends.quantized` engine when both
+    are the same; `fbgemm` and `onednn` packs each int8 weight twice (`int8.SplitInt8Linear`)."""
 
     few_rows: str
     many_rows: str
@@ -91,17 +91,18 @@ class Int8Engines:
 AMX_INT8_MIN_ROWS = 8
 """Rows from which oneDNN's AMX int8 matmul beats fbgemm's on the 124M model: measured on a
 2-vCPU Sapphire Rapids (amx_int8, avx512_vnni), all 49 linears with distinct weights, ms per
-pass, fbgemm vs oneDNN: 5.9 vs 7.5 at 1 row, 9.1 vs 9.3 at 8, 11.2 vs 10.1 at 16, 15.6 vs 12.6
-at 32, 164 vs 84 at 384 (a prefill). `x86` ran these dynamic linears as fbgemm did."""
+pass, fbgemm vs oneDNN (`int8.SplitInt8Linear`'s op): 6.3 vs 8.0 at 1 row, 9.7 vs 8.7 at 8,
+13.8 vs 9.8 at 16, 17.8 vs 13.1 at 32, 167 vs 84 at 384 (a prefill). `x86` ran these dynamic
+linears as fbgemm did."""
 
 
 def int8_engine(flags: Iterable[str]) -> Int8Engines:
     """The engines for dynamic int8 linears on this CPU.
 
     AVX2 without VNNI: `fbgemm`, measured fastest on the 124M model (see `docs/benchmarks.md`).
-    AMX: fbgemm for a decode step of a few rows (bound by reading the weights, where oneDNN's
-    per-call overhead shows) and oneDNN, which dispatches AMX (`brg_matmul:avx10_1_512_amx`),
-    from `AMX_INT8_MIN_ROWS` on. AVX-512 VNNI without AMX: `x86` (it ran as fbgemm); oneDNN
+    AMX: fbgemm for a decode step of a few rows (bound by reading the weights, where oneDNN is
+    slower) and oneDNN, which dispatches AMX (`brg_matmul:avx10_1_512_amx`), from
+    `AMX_INT8_MIN_ROWS` on. AVX-512 VNNI without AMX: `x86` (it ran as fbgemm); oneDNN
     limited to VNNI (`ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI` on the same CPU) lost to fbgemm up
     to 32 rows and won only prefills (128 vs 165 ms at 384 rows)."""
     isa = cpu_isa(flags)

@@ -53,17 +53,25 @@ def test_a_split_linear_holds_two_packings_of_one_int8_weight():
     base = tiny_gpt2()
     one = quantize_int8(copy.deepcopy(base), ONE)
     split = quantize_int8(copy.deepcopy(base), SPLIT)
-    packed = 0
-    for m in int8_linears(one):
-        weight, bias = m._weight_bias()
-        packed += weight.numel() + (0 if bias is None else 4 * bias.numel())
-    assert resident_bytes(split) - resident_bytes(one) == packed
+    # The second packing: one byte per weight, and a float32 scale and int32 zero point per
+    # output channel (the bias is the same one).
+    extra = sum(m.weight().numel() + 8 * m.out_features for m in int8_linears(one))
+    assert resident_bytes(split) - resident_bytes(one) == extra
     for a, b in zip(int8_linears(one), int8_linears(split), strict=True):
         assert torch.equal(a._weight_bias()[0].int_repr(), b._weight_bias()[0].int_repr())
 
 
-def test_an_engine_this_torch_lacks_leaves_one_engine():
+def test_a_split_other_than_fbgemm_and_onednn_leaves_one_engine():
     model = quantize_int8(tiny_gpt2(), Int8Engines("fbgemm", "no-such-engine", 8))
     assert not any(isinstance(m, SplitInt8Linear) for m in model.modules())
     with torch.inference_mode():
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_a_torch_without_onednn_int8_ops_gets_the_fbgemm_model(monkeypatch):
+    from serve_app.models import int8
+
+    monkeypatch.setattr(int8, "_onednn_qlinear", False)  # what a failed probe leaves
+    model = quantize_int8(tiny_gpt2(), SPLIT)
+    assert len(int8_linears(model)) == 4 * 2 + 1
+    assert not any(isinstance(m, SplitInt8Linear) for m in model.modules())
