@@ -67,14 +67,49 @@ def reported_flags(flags: Iterable[str]) -> list[str]:
     return sorted(f for f in flags if f.startswith(wanted))
 
 
-def int8_engine(flags: Iterable[str]) -> str:
-    """The `torch.backends.quantized.engine` for dynamic int8 linears on this CPU.
+@dataclass(frozen=True)
+class Int8Engines:
+    """The kernels that run a dynamic int8 linear, by the rows (tokens) it multiplies: `few_rows`
+    below `min_rows`, `many_rows` from there on. One `torch.backends.quantized` engine when both
+    are the same; `fbgemm` and `onednn` packs each int8 weight twice (`int8.SplitInt8Linear`)."""
+
+    few_rows: str
+    many_rows: str
+    min_rows: int = 0
+
+    @property
+    def split(self) -> bool:
+        return self.few_rows != self.many_rows
+
+    @property
+    def name(self) -> str:
+        if not self.split:
+            return self.few_rows
+        return f"{self.few_rows} <{self.min_rows} rows, {self.many_rows} >={self.min_rows} rows"
+
+
+AMX_INT8_MIN_ROWS = 8
+"""Rows from which oneDNN's AMX int8 matmul beats fbgemm's on the 124M model: measured on a
+2-vCPU Sapphire Rapids (amx_int8, avx512_vnni), all 49 linears with distinct weights, ms per
+pass, fbgemm vs oneDNN (`int8.SplitInt8Linear`'s op): 6.3 vs 8.0 at 1 row, 9.7 vs 8.7 at 8,
+13.8 vs 9.8 at 16, 17.8 vs 13.1 at 32, 167 vs 84 at 384 (a prefill). `x86` ran these dynamic
+linears as fbgemm did."""
+
+
+def int8_engine(flags: Iterable[str]) -> Int8Engines:
+    """The engines for dynamic int8 linears on this CPU.
 
     AVX2 without VNNI: `fbgemm`, measured fastest on the 124M model (see `docs/benchmarks.md`).
-    With VNNI or AMX: `x86`, PyTorch's own choice between fbgemm and oneDNN per shape (oneDNN
-    is the one with AMX kernels). Not measured here: no such CPU was at hand."""
+    AMX: fbgemm for a decode step of a few rows (bound by reading the weights, where oneDNN is
+    slower) and oneDNN, which dispatches AMX (`brg_matmul:avx10_1_512_amx`), from
+    `AMX_INT8_MIN_ROWS` on. AVX-512 VNNI without AMX: `x86` (it ran as fbgemm); oneDNN
+    limited to VNNI (`ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI` on the same CPU) lost to fbgemm up
+    to 32 rows and won only prefills (128 vs 165 ms at 384 rows)."""
     isa = cpu_isa(flags)
-    return "x86" if isa in ("AMX", "AVX-512 VNNI") else "fbgemm"
+    if isa == "AMX":
+        return Int8Engines("fbgemm", "onednn", AMX_INT8_MIN_ROWS)
+    engine = "x86" if isa == "AVX-512 VNNI" else "fbgemm"
+    return Int8Engines(engine, engine)
 
 
 def missing_native_bf16(flags: Iterable[str]) -> str | None:
@@ -121,7 +156,7 @@ def choose_placement(
         )
     isa = cpu_isa(flags)
     if spec.dtype == "int8":
-        return Placement("cpu", "int8", f"{int8_engine(flags)} int8 ({isa})")
+        return Placement("cpu", "int8", f"{int8_engine(flags).name} int8 ({isa})")
     kernels = "oneDNN" if spec.kernels == "onednn" else "stock"
     return Placement("cpu", spec.dtype, f"{kernels} {spec.dtype} ({isa})")
 

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from serve_app.config import AppArgs, ModelSpec
 from serve_app.errors import ModelUnavailableError
 from serve_app.models.device import (
+    AMX_INT8_MIN_ROWS,
     choose_placement,
     cpu_flags,
     cpu_isa,
@@ -38,12 +39,26 @@ def test_cpu_flags_are_read_from_cpuinfo_text():
 
 @pytest.mark.parametrize(
     ("flags", "isa", "engine"),
-    [(AVX2, "AVX2", "fbgemm"), (VNNI, "AVX-512 VNNI", "x86"), (SAPPHIRE, "AMX", "x86")],
+    [
+        (AVX2, "AVX2", "fbgemm"),
+        (VNNI, "AVX-512 VNNI", "x86"),
+        (SAPPHIRE, "AMX", "fbgemm <8 rows, onednn >=8 rows"),
+    ],
 )
 def test_int8_kernels_are_named_by_the_cpu(flags, isa, engine):
-    assert cpu_isa(flags) == isa and int8_engine(flags) == engine
+    assert cpu_isa(flags) == isa and int8_engine(flags).name == engine
     placement = choose_placement(spec(dtype="int8"), [], False, flags)
     assert placement == placement.__class__("cpu", "int8", f"{engine} int8 ({isa})")
+
+
+def test_amx_splits_int8_linears_by_rows_and_other_cpus_keep_one_engine():
+    amx = int8_engine(SAPPHIRE)
+    assert (amx.few_rows, amx.many_rows, amx.min_rows) == ("fbgemm", "onednn", AMX_INT8_MIN_ROWS)
+    assert amx.split and 1 < amx.min_rows <= 32  # one user on fbgemm, 32 users on oneDNN
+    for flags in (AVX2, VNNI):
+        engines = int8_engine(flags)
+        assert not engines.split and engines.few_rows == engines.many_rows
+    assert int8_engine(AVX2).few_rows == "fbgemm"  # the measured AVX2 choice, unchanged
 
 
 def test_float32_is_the_exact_default_on_the_cpu():

@@ -354,10 +354,13 @@ def test_reduced_precision_stays_close_to_float32(standin_root, dtype, monkeypat
         from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
         from transformers.pytorch_utils import Conv1D
 
+        from serve_app.models.int8 import SplitInt8Linear
+
         modules = list(loaded.model.modules())
         assert not any(isinstance(m, Conv1D) for m in modules)
         # 4 projections per block (qkv, attention out, MLP in, MLP out) plus lm_head.
-        assert sum(isinstance(m, DynamicQuantizedLinear) for m in modules) == 4 * 2 + 1
+        int8 = (DynamicQuantizedLinear, SplitInt8Linear)
+        assert sum(isinstance(m, int8) for m in modules) == 4 * 2 + 1
         # No float32 matrix stays: only layer norms, biases and position embeddings.
         assert max(p.numel() for p in loaded.model.parameters()) <= 512 * 64
         assert loaded.placement.kernel.endswith(f"int8 ({device.cpu_isa(device.cpu_flags())})")
