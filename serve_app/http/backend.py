@@ -99,6 +99,7 @@ class OverloadGate:
                 "the generator is at capacity; retry later", retry_after_s=self._refused()
             )
         self.inflight += 1
+        self._forget()
         self._admissions.append(self.clock())
 
     def leave(self, refusal: OverloadedError | None = None) -> None:
@@ -116,23 +117,22 @@ class OverloadGate:
 
     def _refused(self) -> float:
         """The Retry-After for a refusal now (see the class), noted for the next ones."""
-        now = self.clock()
-        horizon = now - self.WINDOW_S
+        self._forget()
+        # Clients waiting (Retry-After seconds sent per second) over calls admitted per
+        # second, both over the same window: the seconds cancel.
+        waiting_s = sum(sent for _, sent in self._refusals)
+        retry_after = max(self.retry_after_s, waiting_s / max(1, len(self._admissions)))
+        retry_after = min(self.MAX_RETRY_AFTER_S, retry_after)
+        self._refusals.append((self.clock(), retry_after))
+        return retry_after
+
+    def _forget(self) -> None:
+        """Drop what is older than the window."""
+        horizon = self.clock() - self.WINDOW_S
         while self._refusals and self._refusals[0][0] < horizon:
             self._refusals.popleft()
         while self._admissions and self._admissions[0] < horizon:
             self._admissions.popleft()
-        oldest = min(
-            self._admissions[0] if self._admissions else now,
-            self._refusals[0][0] if self._refusals else now,
-        )
-        span = max(1.0, now - oldest)
-        waiting = sum(sent for _, sent in self._refusals) / span
-        admitted_per_s = max(1, len(self._admissions)) / span
-        retry_after = max(self.retry_after_s, waiting / admitted_per_s)
-        retry_after = min(self.MAX_RETRY_AFTER_S, retry_after)
-        self._refusals.append((now, retry_after))
-        return retry_after
 
     @asynccontextmanager
     async def admitted(self) -> AsyncIterator[None]:

@@ -136,3 +136,13 @@ def test_retry_after_is_never_below_the_generators_estimate():
     """A few clients beyond capacity: the queue's drain time is the longer wait."""
     _, sent = _overload(waiting=3, capacity=10, hold_s=5, queue_drain_s=8, seconds=300)
     assert sent and min(sent) >= 8
+
+
+def test_what_the_gate_remembers_stays_within_its_window():
+    clock = _Clock()
+    gate = OverloadGate(clock)
+    for i in range(10_000):  # an hour of calls, never refused
+        clock.now = i * 0.36
+        gate.enter()
+        gate.leave()
+    assert len(gate._admissions) <= OverloadGate.WINDOW_S / 0.36 + 1
