@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 import aiohttp
-import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -71,7 +70,8 @@ def share(start: float, end: float, lo: float, hi: float) -> float:
 
 
 async def window(base_url: str, users: int, warmup_s: float, span_s: float) -> dict:
-    """`users` closed-loop clients; what finished inside the measured window counts."""
+    """`users` closed-loop clients; what happened inside the measured window counts (tokens
+    by their share of each request's time at the server, see the module's docstring)."""
     rng = random.Random(users)
     served: list[tuple[float, int, float]] = []  # (answered at, tokens, latency)
     refused: list[float] = []  # refusal latencies
@@ -145,9 +145,10 @@ async def run(workdir: Path, duration_s: float, pairs: int) -> list[dict]:
     proc, app = start_app(ROOT / "configs" / "bench.yaml", workdir, None)
     results = []
     try:
-        async with httpx.AsyncClient(base_url=app.base_url, timeout=600) as client:
+        async with aiohttp.ClientSession(app.base_url, raise_for_status=True) as client:
             body = {"prompts": ["warm up"], "max_new_tokens": 4}
-            (await client.post("/generate", json=body)).raise_for_status()
+            async with client.post("/generate", json=body) as r:
+                await r.read()
         for _ in range(pairs):
             for users in (BASE_USERS, BASE_USERS * OVERLOAD):
                 r = await window(app.base_url, users, 10.0, duration_s)
