@@ -76,6 +76,7 @@ async def window(base_url: str, users: int, warmup_s: float, span_s: float) -> d
     served: list[tuple[float, int, float]] = []  # (answered at, tokens, latency)
     refused: list[float] = []  # refusal latencies
     livez: list[float] = []
+    client_lag: list[float] = []
     errors: list[str] = []
     # aiohttp, not httpx: the load generator shares the cores with the service, and at 320
     # users httpx's pool spent up to half a core in the first seconds of a window.
@@ -123,7 +124,16 @@ async def window(base_url: str, users: int, warmup_s: float, span_s: float) -> d
                     livez.append(time.perf_counter() - sent)
                 await asyncio.sleep(0.2)
 
-        await asyncio.gather(prober(), *(user() for _ in range(users)))
+        async def lag_monitor() -> None:
+            # The load generator shares the cores: how late its own event loop ran, so a slow
+            # refusal can be told apart from a client that was late to read it.
+            while time.perf_counter() < end:
+                before = time.perf_counter()
+                await asyncio.sleep(0.005)
+                if before >= lo:
+                    client_lag.append(time.perf_counter() - before - 0.005)
+
+        await asyncio.gather(prober(), lag_monitor(), *(user() for _ in range(users)))
     inside = [(t, n, lat) for t, n, lat in served if lo <= t <= hi]
     return {
         "users": users,
@@ -135,6 +145,7 @@ async def window(base_url: str, users: int, warmup_s: float, span_s: float) -> d
         "refusal_p99_s": pct(refused, 0.99) if refused else None,
         "livez_p99_s": pct(livez, 0.99),
         "livez_max_s": max(livez) if livez else None,
+        "client_lag_p99_s": pct(client_lag, 0.99) if client_lag else None,
         "errors": len(errors),
         "error_samples": errors[:5],
     }
@@ -195,14 +206,17 @@ def main() -> int:
          f"< {LIVEZ_P99_TARGET_S}", livez < LIVEZ_P99_TARGET_S),
     ]  # fmt: skip
     print(f"\nCPU: {flags}")
-    print("users   tok/s  served  p50 s  refused  refusal p50  refusal p99  livez p99  errors")
+    print(
+        "users   tok/s  served  p50 s  refused  refusal p50  refusal p99  livez p99  errors"
+        "  client lag p99"
+    )
     for r in results:
         p50 = "-" if r["refusal_p50_s"] is None else f"{r['refusal_p50_s'] * 1000:.0f} ms"
         p99 = "-" if r["refusal_p99_s"] is None else f"{r['refusal_p99_s'] * 1000:.0f} ms"
         print(
             f"{r['users']:>5} {r['tok_s']:7.1f} {r['served']:>7} {r['latency_p50_s']:6.2f} "
             f"{r['refused']:>8} {p50:>12} {p99:>12} {r['livez_p99_s'] * 1000:7.0f} ms "
-            f"{r['errors']:>7}"
+            f"{r['errors']:>7} {r['client_lag_p99_s'] * 1000:12.0f} ms"
         )
     print(f"\naccepted tok/s ratio by pair: {[round(x, 3) for x in ratios]}\n")
     return finish(ns.out, checks, cpu=flags, ratios=ratios, windows=results)
