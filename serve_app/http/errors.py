@@ -156,20 +156,51 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         return unexpected_error_response(request, exc)
 
-    @app.middleware("http")
-    async def _response_time(request: Request, call_next: Any) -> Any:
+    app.add_middleware(ResponseTime)
+
+
+class ResponseTime:
+    """Pure ASGI middleware (module level: Ray pickles the FastAPI app): `X-Response-Time` on
+    every answer, and the answer to an error no handler took (a JSON 500 that shows no
+    internals, or a 499 when the client has gone). Not Starlette's BaseHTTPMiddleware, which
+    runs the rest of the app in a task of its own behind memory streams: a cost every request
+    pays, a 503 refusal included."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
         started = time.perf_counter()
+        answering = False
+
+        async def send_timed(message: dict) -> None:
+            nonlocal answering
+            if message["type"] == "http.response.start":
+                answering = True
+                took = f"{(time.perf_counter() - started) * 1000:.2f}ms".encode()
+                message = {
+                    **message,
+                    "headers": [*message.get("headers", []), (b"x-response-time", took)],
+                }
+            await send(message)
+
         try:
-            response = await call_next(request)
+            await self.app(scope, receive, send_timed)
         except Exception as exc:  # Starlette re-raises unhandled errors through middleware
+            if answering:  # part of the answer has gone: nothing else can be said
+                raise
+            request = Request(scope, receive)
             if await _client_gone(request):
                 # The client went away (its timeout, a closed connection) and the request was
                 # cancelled: nobody reads an answer, and no server error happened to log.
                 logger.info("client disconnected: %s %s", request.method, request.url.path)
-                return Response(status_code=499)
-            response = unexpected_error_response(request, exc)
-        response.headers["X-Response-Time"] = f"{(time.perf_counter() - started) * 1000:.2f}ms"
-        return response
+                response: Response = Response(status_code=499)
+            else:
+                response = unexpected_error_response(request, exc)
+            await response(scope, receive, send_timed)
 
 
 async def _client_gone(request: Request) -> bool:

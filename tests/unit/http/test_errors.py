@@ -2,7 +2,9 @@
 
 import json
 
+import pytest
 from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
 from fastapi.testclient import TestClient
 
 from serve_app.errors import PromptTooLongError, UnknownModelError
@@ -41,6 +43,22 @@ def make_client() -> TestClient:
     async def boom_openai() -> None:
         raise RuntimeError("secret path /etc/passwd")
 
+    @app.get("/stream")
+    async def stream() -> StreamingResponse:
+        async def chunks():
+            yield b"one "
+            yield b"two"
+
+        return StreamingResponse(chunks(), media_type="text/plain")
+
+    @app.get("/broken-stream")
+    async def broken_stream() -> StreamingResponse:
+        async def chunks():
+            yield b"one "
+            raise RuntimeError("secret path /etc/passwd")
+
+        return StreamingResponse(chunks(), media_type="text/plain")
+
     return TestClient(app, raise_server_exceptions=False)
 
 
@@ -75,6 +93,18 @@ def test_openai_routes_answer_in_openai_shape():
     r = client.get("/v1/boom")
     assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
     assert "passwd" not in r.text
+
+
+def test_a_stream_is_timed_and_passes_whole():
+    r = make_client().get("/stream")
+    assert r.status_code == 200 and r.text == "one two"
+    assert r.headers["x-response-time"].endswith("ms")
+
+
+def test_an_error_after_the_answer_started_ends_it_without_a_second_answer():
+    # The status line has gone: a JSON 500 now would be a second answer on one request.
+    with pytest.raises(RuntimeError, match="secret path"):  # the route's own error, re-raised
+        TestClient(make_client().app).get("/broken-stream")
 
 
 def test_an_error_after_a_stream_started_is_its_last_event():
