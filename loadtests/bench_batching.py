@@ -30,6 +30,10 @@
    baseline of the targets is the paired raw run, on the same oneDNN kernels as the service,
    so they measure the serving path against the same matmuls, not the kernels' speed-up.
 
+`--isa avx2` (or `avx512`, `avx512_vnni`) emulates a CPU without the instruction sets above it,
+for this process, CTranslate2 and the service alike (`device.library_isa_env`): e.g. the AVX2
+int8 path on an AVX-512 machine. The real CPU's flags are printed beside the cap.
+
 Every raw run and service window also reports the CPU steal of its span (/proc/stat): the share
 of the machine a shared VM's hypervisor gave to other guests, the usual reason for a slow window.
 
@@ -63,12 +67,13 @@ sys.path.insert(0, str(ROOT))
 from loadtests.bench_int8 import (  # noqa: E402
     Ct2Model,
     accuracy,
+    cap_isa,
     cpu_description,
     int8_checks,
     memory,
     print_int8_report,
 )
-from serve_app.models.device import cpu_flags, missing_native_bf16  # noqa: E402
+from serve_app.models.device import ISA_CAPS, cpu_flags, missing_native_bf16  # noqa: E402
 from tests.conftest import descendants, start_app, stop_app  # noqa: E402  (the same harness as the tests)
 
 WORDS = (
@@ -616,6 +621,8 @@ def report(raw: dict, raw_stock: dict, svc: dict, args) -> dict:
     cpu = cpu_description()
     print(f"\nCPU: {cpu['model']}, {cpu['cores']} cores, kernels for {cpu['isa']}")
     print(f"flags: {' '.join(cpu['flags'])}")
+    if cpu["isa_max"]:
+        print(f"instruction sets capped at {cpu['isa_max']} (--isa): an emulation on this CPU")
     print_int8_report(svc.get("accuracy"), svc.get("memory"))
     print("\nraw = fastest raw generate() run at batch = users; stock = stock kernels")
     print(
@@ -709,9 +716,17 @@ def main() -> None:
         action="store_false",
         help="skip gpt2-int8 against CTranslate2, accuracy and memory",
     )
+    parser.add_argument(
+        "--isa",
+        choices=sorted(ISA_CAPS),
+        help="emulate a CPU without the instruction sets above this one: caps PyTorch, fbgemm, "
+        "oneDNN, MKL and CTranslate2 here and in the service, and the service's kernel "
+        "choice (env CPU_ISA_MAX); e.g. avx2 on an AVX-512 machine",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "batching.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "bench-results" / "batching.png")
     args = parser.parse_args()
+    cap_isa(args.isa)  # before anything imports torch or ctranslate2
     # Quick: the levels the targets name. On this project's slower machines the windows,
     # which scale with raw latency, took --quick to 399-471 s with 8 users as well.
     args.levels = args.levels or ([1, 32] if args.quick else [1, 4, 8, 16, 32, 64])

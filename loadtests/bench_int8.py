@@ -9,7 +9,7 @@
 - `memory`: resident memory of a fresh process that loads one model, per dtype, as a
   Generator replica does: the whole process, and what loading the model added to it.
 
-Runnable alone: `python loadtests/bench_int8.py` prints accuracy and memory.
+Runnable alone: `python loadtests/bench_int8.py [--isa avx2]` prints accuracy and memory.
 """
 
 from __future__ import annotations
@@ -45,8 +45,23 @@ def cpu_description() -> dict:
         "model": model,
         "cores": os.cpu_count(),
         "isa": cpu_isa(flags),
-        "flags": reported_flags(flags),
+        "flags": reported_flags(cpu_flags(capped=False)),  # the real CPU's, under a cap too
+        "isa_max": os.environ.get("CPU_ISA_MAX"),
     }
+
+
+def cap_isa(isa_max: str | None) -> None:
+    """Emulate a CPU without the instruction sets above `isa_max` (`--isa`): this process, the
+    service it starts and CTranslate2 all get `device.library_isa_env(isa_max)`. Must run
+    before torch or ctranslate2 are imported, since each library reads its variable once."""
+    if not isa_max:
+        return
+    loaded = [m for m in ("torch", "ctranslate2") if m in sys.modules]
+    if loaded:
+        raise RuntimeError(f"--isa must be applied before {' and '.join(loaded)} is imported")
+    from serve_app.models.device import library_isa_env
+
+    os.environ.update(library_isa_env(isa_max))
 
 
 def _standin(dtype: str = "float32"):
@@ -272,7 +287,14 @@ def print_int8_report(acc: dict | None, mem: dict | None) -> None:
 
 
 if __name__ == "__main__":
+    import argparse
+
     sys.path.insert(0, str(ROOT))
+    from serve_app.models.device import ISA_CAPS
+
+    parser = argparse.ArgumentParser(description="int8 accuracy and memory against float32")
+    parser.add_argument("--isa", choices=sorted(ISA_CAPS), help="as bench_batching.py --isa")
+    cap_isa(parser.parse_args().isa)
     print(json.dumps(cpu_description()))
     result_acc, result_mem = accuracy(), memory()
     print_int8_report(result_acc, result_mem)

@@ -538,6 +538,19 @@ class EnvSettings(BaseSettings):
     api_keys: SecretStr | None = Field(default=None, validation_alias="API_KEYS")
     admin_api_keys: SecretStr | None = Field(default=None, validation_alias="ADMIN_API_KEYS")
     rate_limit: str | None = Field(default=None, validation_alias="RATE_LIMIT")
+    cpu_isa_max: Literal["avx2", "avx512", "avx512_vnni"] | None = Field(
+        default=None,
+        validation_alias="CPU_ISA_MAX",
+        description="Pick and name CPU kernels as if the CPU had no instruction set above this "
+        "(`serve_app.models.device.cpu_flags`), e.g. to measure the AVX2 path on an AVX-512 "
+        "machine. Caps only the service's choice: the libraries are capped by their own "
+        "variables (`device.library_isa_env`).",
+    )
+
+    @field_validator("cpu_isa_max", mode="before")
+    @classmethod
+    def _lower_isa(cls, value: object) -> object:
+        return value.strip().lower() or None if isinstance(value, str) else value
 
 
 def parse_keys(text: str, admin: bool = False) -> list[ApiKey]:

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from serve_app.config import ModelSpec
+from serve_app.config import EnvSettings, ModelSpec
 from serve_app.errors import ModelUnavailableError
 
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -31,18 +31,57 @@ class Placement:
     kernel: str
 
 
-def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
-    """The CPU's feature flags, from /proc/cpuinfo (Linux x86). Empty when unknown."""
+def cpu_flags(cpuinfo: str | None = None, *, capped: bool = True) -> frozenset[str]:
+    """The CPU's feature flags, from /proc/cpuinfo (Linux x86); `capped`: without those above
+    env `CPU_ISA_MAX` (`capped_flags`), as every kernel choice sees them. Empty when unknown."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
             return frozenset()
+    flags: list[str] = []
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
         if key.strip() in ("flags", "Features"):
-            return frozenset(value.split())
-    return frozenset()
+            flags = value.split()
+            break
+    return capped_flags(flags, EnvSettings().cpu_isa_max if capped else None)
+
+
+ISA_CAPS: dict[str, tuple[str, ...]] = {
+    "avx2": ("avx512", "avx_vnni", "amx", "avx10"),
+    "avx512": ("avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx", "avx10"),
+    "avx512_vnni": ("avx512_bf16", "avx512_fp16", "amx", "avx10"),
+}
+"""The values env `CPU_ISA_MAX` takes, and the prefixes of the flags each one hides."""
+
+
+def capped_flags(flags: Iterable[str], isa_max: str | None) -> frozenset[str]:
+    """`flags` without the instruction sets above `isa_max` (a key of `ISA_CAPS`, or None)."""
+    if isa_max is None:
+        return frozenset(flags)
+    above = ISA_CAPS[isa_max]
+    return frozenset(f for f in flags if not f.startswith(above))
+
+
+def library_isa_env(isa_max: str) -> dict[str, str]:
+    """The environment that caps the int8 and float32 libraries at `isa_max`, as `CPU_ISA_MAX`
+    caps the service's own choice: PyTorch's vectorised ops, fbgemm, oneDNN, MKL and
+    CTranslate2. Each library reads its variable once, at its first use in a process: set them
+    before the process starts (Ray workers inherit the environment of `serve run`)."""
+    aten, fbgemm, onednn, mkl, ct2 = {
+        "avx2": ("avx2", "AVX2", "AVX2", "AVX2", "AVX2"),
+        "avx512": ("avx512", "AVX512", "AVX512_CORE", "AVX512", "AVX512"),
+        "avx512_vnni": ("avx512", "AVX512_E1", "AVX512_CORE_VNNI", "AVX512_E1", "AVX512"),
+    }[isa_max]
+    return {
+        "CPU_ISA_MAX": isa_max,
+        "ATEN_CPU_CAPABILITY": aten,
+        "FBGEMM_ENABLE_INSTRUCTIONS": fbgemm,
+        "ONEDNN_MAX_CPU_ISA": onednn,
+        "MKL_ENABLE_INSTRUCTIONS": mkl,
+        "CT2_FORCE_CPU_ISA": ct2,
+    }
 
 
 def cpu_isa(flags: Iterable[str]) -> str:

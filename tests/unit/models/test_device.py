@@ -18,13 +18,16 @@ from serve_app.models.device import (
     cpu_flags,
     cpu_isa,
     int8_engine,
+    library_isa_env,
     local_placement,
+    missing_native_bf16,
     planned_kernel,
 )
 
 AVX2 = frozenset({"sse4_2", "avx", "avx2", "fma", "f16c"})
 VNNI = AVX2 | {"avx512f", "avx512bw", "avx512_vnni"}
 SAPPHIRE = VNNI | {"avx512_bf16", "amx_bf16", "amx_int8", "amx_tile"}
+SAPPHIRE_CPUINFO = f"processor\t: 0\nflags\t\t: {' '.join(sorted(SAPPHIRE))}\n"
 
 
 def spec(**kwargs) -> ModelSpec:
@@ -156,3 +159,44 @@ def test_models_endpoint_names_the_planned_kernels():
     assert planned_kernel(spec(device="cuda", dtype="float16"), AVX2) == "cuda float16"
     refused = planned_kernel(spec(dtype="bfloat16", device="cpu"), AVX2)
     assert refused.startswith("refused on this CPU") and "avx512_bf16" in refused
+
+
+@pytest.mark.parametrize(
+    ("cap", "isa", "engine"),
+    [
+        ("avx2", "AVX2", "fbgemm"),
+        ("avx512", "AVX-512", "fbgemm"),
+        (" AVX512_VNNI ", "AVX-512 VNNI", "x86"),
+        ("", "AMX", "fbgemm <8 rows, onednn >=8 rows"),
+    ],
+)
+def test_cpu_isa_max_caps_the_kernels_the_service_picks_and_names(monkeypatch, cap, isa, engine):
+    """Env CPU_ISA_MAX: an AMX machine picks, and GET /models names, a smaller CPU's kernels."""
+    monkeypatch.setenv("CPU_ISA_MAX", cap)
+    flags = cpu_flags(SAPPHIRE_CPUINFO)
+    assert cpu_isa(flags) == isa and int8_engine(flags).name == engine
+    assert planned_kernel(spec(dtype="int8", device="cpu"), flags) == f"{engine} int8 ({isa})"
+    assert (missing_native_bf16(flags) is None) == (isa == "AMX")  # no bf16 below the cap
+    assert cpu_flags(SAPPHIRE_CPUINFO, capped=False) == SAPPHIRE  # what benchmarks print
+
+
+def test_an_unknown_cpu_isa_max_is_refused(monkeypatch):
+    monkeypatch.setenv("CPU_ISA_MAX", "avx9")
+    with pytest.raises(ValidationError, match="CPU_ISA_MAX"):
+        cpu_flags(SAPPHIRE_CPUINFO)
+
+
+def test_the_library_caps_reach_pytorch():
+    """`library_isa_env` as the benchmarks' `--isa avx2` sets it: a fresh process's PyTorch
+    runs its AVX2 kernels (AVX-512 ones unused even where the CPU has them)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, **library_isa_env("avx2")}
+    probe = "import torch; print(torch.backends.cpu.get_cpu_capability())"
+    out = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "AVX2"
+    assert env["CPU_ISA_MAX"] == "avx2" and env["ONEDNN_MAX_CPU_ISA"] == "AVX2"

@@ -75,3 +75,16 @@ def test_a_torch_without_onednn_int8_ops_gets_the_fbgemm_model(monkeypatch):
     model = quantize_int8(tiny_gpt2(), SPLIT)
     assert len(int8_linears(model)) == 4 * 2 + 1
     assert not any(isinstance(m, SplitInt8Linear) for m in model.modules())
+
+
+def test_int8_mlp_activation_stays_within_int8_noise_of_gelu_new():
+    """The int8 model swaps GPT-2's tanh GELU for the faster exact one: they differ far less
+    than the 7-bit activation quantization that follows (one step is range / 127)."""
+    from transformers.activations import NewGELUActivation
+
+    model = quantize_int8(tiny_gpt2(), ONE)
+    acts = [m for m in model.modules() if isinstance(m, nn.GELU)]
+    assert len(acts) == 2 and not any(isinstance(m, NewGELUActivation) for m in model.modules())
+    x = torch.linspace(-12, 12, 100_001)
+    for act in acts:
+        assert (act(x) - NewGELUActivation()(x)).abs().max() < 5e-4
