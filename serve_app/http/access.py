@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from serve_app.asgi import HTTPMiddleware
 from serve_app.config import AccessOptions, ApiKey, RateLimit
 from serve_app.errors import ForbiddenError, RateLimitedError, ServeError, UnauthorizedError
 from serve_app.http.errors import serve_error_response
@@ -246,18 +247,11 @@ def add_access_middleware(app: FastAPI) -> None:
     app.add_middleware(AccessControl)
 
 
-class AccessControl:
-    """Pure ASGI middleware (module level: Ray pickles the FastAPI app). Not Starlette's
-    BaseHTTPMiddleware: a second one of those around the body cap made requests whose
-    neighbours' clients went away end in "No response returned" (a 500) under load."""
+class AccessControl(HTTPMiddleware):
+    """API keys and rate limits, before the body is read."""
 
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        access: Access | None = None
-        if scope["type"] == "http":
-            access = getattr(scope["app"].state, "access", None)
+    async def http(self, scope: dict, receive: Any, send: Any) -> None:
+        access: Access | None = getattr(scope["app"].state, "access", None)
         if access is None:
             await self.app(scope, receive, send)
             return

@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serve_app.asgi import HTTPMiddleware
 from serve_app.errors import ServeError
 
 logger = logging.getLogger("ray.serve").getChild(__name__)
@@ -159,20 +160,11 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_middleware(ResponseTime)
 
 
-class ResponseTime:
-    """Pure ASGI middleware (module level: Ray pickles the FastAPI app): `X-Response-Time` on
-    every answer, and the answer to an error no handler took (a JSON 500 that shows no
-    internals, or a 499 when the client has gone). Not Starlette's BaseHTTPMiddleware, which
-    runs the rest of the app in a task of its own behind memory streams: a cost every request
-    pays, a 503 refusal included."""
+class ResponseTime(HTTPMiddleware):
+    """`X-Response-Time` on every answer, and the answer to an error no handler took (a JSON
+    500 that shows no internals, or a 499 when the client has gone)."""
 
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: dict, receive: Any, send: Any) -> None:
         started = time.perf_counter()
         answering = False
 

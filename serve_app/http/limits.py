@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
+from serve_app.asgi import HTTPMiddleware
 from serve_app.http.errors import OPENAI_PREFIX, error_body
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
@@ -23,16 +24,10 @@ def limit_body(app: FastAPI, max_body_bytes: int) -> None:
     app.state.max_body_bytes = max_body_bytes
 
 
-class BodyLimit:
-    """ASGI middleware: reads the body up to the cap, then hands it on whole."""
+class BodyLimit(HTTPMiddleware):
+    """Reads the body up to the cap, then hands it on whole."""
 
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: dict, receive: Any, send: Any) -> None:
         cap = getattr(scope["app"].state, "max_body_bytes", DEFAULT_MAX_BODY_BYTES)
         declared = dict(scope.get("headers") or []).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > cap:
