@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.stamp-install
 
 # The local Ray cluster's environment (see the file); the environment's own values win.
-RAY_ENV := $(shell sed -n 's/^\([A-Z_][A-Z0-9_]*\)=.*/\1/p' configs/ray.env)
+RAY_ENV := $(shell sed -n 's/^\([A-Za-z_][A-Za-z0-9_]*\)=.*/\1/p' configs/ray.env)
 $(foreach v,$(RAY_ENV),$(eval $(v) ?= $(shell sed -n 's/^$(v)=//p' configs/ray.env)))
 export $(RAY_ENV)
 

@@ -150,6 +150,17 @@ class GeneratorOptions(_Strict):
             "which can starve big batches; None uses every core of the machine."
         ),
     )
+    decode_niceness: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description=(
+            "How much nicer than the replica the decode thread and its torch threads run "
+            "(Linux; capped at 19). The request path then gets a core the moment it has work "
+            "(refusals, health checks, streamed text), and decoding takes the rest. 0: same "
+            "priority."
+        ),
+    )
     crash_marker: str | None = Field(
         default=None,
         min_length=8,

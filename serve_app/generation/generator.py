@@ -78,6 +78,7 @@ class Generator:
             admit_max_wait_s=batching.admit_max_wait_s,
             threads=self._threads,
             crash_marker=args.generator.crash_marker,
+            niceness=args.generator.decode_niceness,
         )
 
         from serve_app.models.resolve import prepare_model
@@ -94,7 +95,11 @@ class Generator:
         self._get_model = serve.multiplexed(
             max_num_models_per_replica=args.generator.max_models_per_replica
         )(load_model)
-        logger.info("Generator ready: torch threads=%d", threads)
+        logger.info(
+            "Generator ready: torch threads=%d, decode niceness +%d",
+            threads,
+            args.generator.decode_niceness,
+        )
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         config = BatchingConfig.model_validate(user_config or {})

@@ -106,8 +106,10 @@ class Scheduler:
         admit_max_wait_s: float = 0.0,
         threads: ThreadBudget | None = None,
         crash_marker: str | None = None,
+        niceness: int = 0,
     ) -> None:
         self.max_batch_size = max_batch_size
+        self.niceness = niceness  # added to the decode thread's (threads.lower_priority)
         self.crash_marker = crash_marker  # testing only (GeneratorOptions.crash_marker)
         self.admit_min_rows = admit_min_rows
         self.admit_max_wait_s = admit_max_wait_s
@@ -186,6 +188,10 @@ class Scheduler:
 
     # -- decode thread ----------------------------------------------------------------------
     def _loop(self) -> None:
+        if self.niceness:  # before any torch work: its OpenMP team inherits it
+            from serve_app.generation.threads import lower_priority
+
+            logger.info("decode thread niceness: %s", lower_priority(self.niceness))
         try:
             while not self._stopping:
                 self._wake.clear()

@@ -3,6 +3,7 @@ on real tiny GPT-2 stand-ins."""
 
 import asyncio
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,7 +16,7 @@ from serve_app.domain import Generation, GenerationRequest, SamplingParams, Text
 from serve_app.errors import GenerationFailedError, GeneratorUnavailableError, PromptTooLongError
 from serve_app.generation.engine import BatchDecoder
 from serve_app.generation.scheduler import Scheduler
-from serve_app.generation.threads import ThreadBudget, torch_side_executor
+from serve_app.generation.threads import ThreadBudget, lower_priority, torch_side_executor
 from serve_app.models.loading import load_model
 from serve_app.models.resolve import resolve_model
 from tests.unit.generation import decoding
@@ -462,3 +463,59 @@ def test_thread_budget_count_survives_another_thread_setting_one():
     finally:
         torch.set_num_threads(before)
     assert seen == [2]
+
+
+linux_only = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's"
+)
+
+
+def _niceness(tid: int) -> int:
+    return os.getpriority(os.PRIO_PROCESS, tid)
+
+
+@linux_only
+async def test_decode_thread_runs_nicer_by_the_configured_steps(decoders):
+    d1, _ = decoders
+    base = _niceness(threading.get_native_id())
+    nicer, plain = Scheduler(max_batch_size=4, niceness=3), Scheduler(max_batch_size=4)
+    try:
+        for s in (nicer, plain):
+            await asyncio.gather(*s.submit(d1, [req("a prompt", max_new_tokens=2)]))
+        assert _niceness(nicer._thread.native_id) == min(19, base + 3)
+        assert _niceness(plain._thread.native_id) == base
+    finally:
+        nicer.stop()
+        plain.stop()
+    assert _niceness(threading.get_native_id()) == base  # the caller's own is untouched
+
+
+@linux_only
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists threads in /proc")
+def test_openmp_team_of_a_nicer_thread_inherits_its_niceness():
+    """The decode thread lowers its priority before its first torch work, so that the OpenMP
+    workers doing most of each forward pass run at it too."""
+    base = _niceness(threading.get_native_id())
+    before_tids = set(os.listdir("/proc/self/task"))
+    seen: dict[str, int] = {}
+
+    def decode_thread() -> None:
+        seen["set"] = lower_priority(2)
+        torch.set_num_threads(2)
+        _parallel_work()  # starts this thread's OpenMP team
+        seen.update({t: _niceness(int(t)) for t in os.listdir("/proc/self/task")})
+
+    before = torch.get_num_threads()
+    try:
+        thread = threading.Thread(target=decode_thread)
+        thread.start()
+        thread.join(30)
+    finally:
+        torch.set_num_threads(before)
+    expected = min(19, base + 2)
+    assert seen.pop("set") == expected
+    started = {tid: nice for tid, nice in seen.items() if tid not in before_tids}
+    assert len(started) >= 2, "the thread and its OpenMP worker"
+    assert set(started.values()) == {expected}, started
+    assert lower_priority(0) is None  # 0 leaves the caller alone
+    assert _niceness(threading.get_native_id()) == base
