@@ -13,13 +13,14 @@
    (int8, and bfloat16 where the CPU has native bf16) and mixed `max_new_tokens` (8/16/32/64)
    at 32 users. A dtype whose lone 8-token request takes more than 4x float32's gets no
    32-user window: the report gives the lone-request ratio instead. At 1 and 32 users,
-   `gpt2-int8` is also paired with CTranslate2 int8 (`bench_int8.py`), which also measures
-   int8's accuracy and memory before the service starts. Tokens/s
-   pro-rates completion tokens over the measurement window (after a warm-up); latency is
-   client-side end to end. At 1 and 32 users, the levels the targets name, each service window
-   comes right after a raw `generate()` run at batch = users made with every process of the
-   service stopped (SIGSTOP), so raw has the machine to itself seconds before the window it is
-   compared with; `--pairs` such pairs, and the targets take the median pair's ratio.
+   `gpt2-int8` is also paired with CTranslate2 int8, which runs in a process of its own and
+   sleeps through the service's windows (`bench_int8.py`, which also measures int8's accuracy
+   and memory before the service starts). Tokens/s pro-rates completion tokens over the
+   measurement window (after a warm-up); latency is client-side end to end. At 1 and 32
+   users, the levels the targets name, each service window comes right after a raw
+   `generate()` run at batch = users made with every process of the service stopped
+   (SIGSTOP), so raw has the machine to itself seconds before the window it is compared with;
+   `--pairs` such pairs, and the targets take the median pair's ratio.
 3. The same levels with batching off (`max_batch_size: 1`, applied live through `user_config`),
    from the lowest up, so each level's on and off windows are close together in time.
 4. Full run only: raw `generate()` at batch 1 and 32 in this process while the service is up
@@ -764,9 +765,16 @@ def main() -> None:
                 cpu_ticks,
                 steal_share,
             )
+            cap = ct2.isa_env.get("CT2_FORCE_CPU_ISA")
+            where = f"pid {ct2.pid}" + (f", CT2_FORCE_CPU_ISA={cap}" if cap else "")
+            log(f"  CTranslate2 {ct2.compute_type} in its own process ({where})")
         except ImportError:
             log("  ctranslate2 is not installed (pip install -e '.[dev]'): no int8 baseline")
-    svc = asyncio.run(run_service(args, raw_before, raw_model, ct2, workdir))
+    try:
+        svc = asyncio.run(run_service(args, raw_before, raw_model, ct2, workdir))
+    finally:
+        if ct2 is not None:
+            ct2.close()
     if args.int8:
         svc["accuracy"], svc["memory"] = acc, mem
     log("3. raw generate() again, service stopped")

@@ -2,8 +2,9 @@
 
 - `Ct2Model`: CTranslate2 (a dev dependency) with the stand-in converted to int8 by its own
   transformers converter, offline, timed with `generate_batch` (greedy, exactly N new tokens,
-  the same prompts as the service gets). It is what a CPU user who wants speed picks today;
-  `bench_batching` pairs it with the service's `gpt2-int8` windows at 1 and 32 users.
+  the same prompts as the service gets), in a child process of its own. It is what a CPU user
+  who wants speed picks today; `bench_batching` pairs it with the service's `gpt2-int8` windows
+  at 1 and 32 users.
 - `accuracy`: int8 against float32 logits at every position of a fixed text set
   (`loadtests/texts/accuracy.txt`): relative error and top-1 agreement.
 - `memory`: resident memory of a fresh process that loads one model, per dtype, as a
@@ -14,6 +15,7 @@ Runnable alone: `python loadtests/bench_int8.py [--isa avx2]` prints accuracy an
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -76,50 +78,132 @@ def _standin(dtype: str = "float32"):
     return load_model(spec, info, standin_dir)
 
 
+_CT2_WORKER = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from loadtests.bench_int8 import _ct2_serve
+_ct2_serve(sys.argv[2])
+"""
+
+
+def _ct2_serve(config: str) -> None:
+    """The CTranslate2 process: convert (once, cached in `workdir`) and load the stand-in, say
+    so on the protocol pipe, then time one `generate_batch` per request line until EOF.
+
+    Requests are `{"prompts": [...], "n": N}`, answers `{"elapsed_s": s}`: one JSON line each.
+    Between requests it blocks reading stdin, so its OpenMP threads sleep through the
+    service's windows."""
+    import signal
+
+    # Ctrl-C reaches the whole process group: the parent answers it by closing the pipe.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The protocol keeps the real stdout; anything a library prints goes to stderr instead.
+    reply = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+
+    import ctranslate2
+    from transformers import AutoTokenizer
+
+    from serve_app.config import AppArgs, ModelSpec, resolve_args
+    from serve_app.models.device import library_isa_env
+    from serve_app.models.resolve import prepare_model
+
+    cfg = json.loads(config)
+    spec = ModelSpec(id="gpt2", architecture=cfg["architecture"], seed=0)
+    info = prepare_model(spec, Path(resolve_args(AppArgs(models=[spec])).standin_dir), 1, True)
+    target = Path(cfg["workdir"]) / f"ct2-{info.revision.replace(':', '-')}-int8"
+    if not (target / "model.bin").exists():
+        converter = ctranslate2.converters.TransformersConverter(info.location)
+        tmp = target.with_suffix(".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        converter.convert(str(tmp), quantization="int8", force=True)
+        tmp.rename(target)
+    tokenizer = AutoTokenizer.from_pretrained(info.location)
+    generator = ctranslate2.Generator(
+        str(target), device="cpu", compute_type="int8", intra_threads=cfg["threads"]
+    )
+    # What this process got of `cap_isa`'s environment, for the parent to print and check.
+    isa_env = {k: os.environ.get(k) for k in library_isa_env("avx2")}
+    ready = {"compute_type": generator.compute_type, "isa_env": isa_env}
+    reply.write(json.dumps(ready) + "\n")
+    for line in sys.stdin:
+        request = json.loads(line)
+        n = request["n"]
+        prompts = [tokenizer.convert_ids_to_tokens(tokenizer.encode(p)) for p in request["prompts"]]
+        started = time.perf_counter()
+        results = generator.generate_batch(
+            prompts, max_length=n, min_length=n, sampling_topk=1, include_prompt_in_result=False
+        )
+        elapsed = time.perf_counter() - started
+        lengths = {len(r.sequences_ids[0]) for r in results}
+        if lengths != {n}:
+            raise RuntimeError(f"asked for {n} new tokens, CTranslate2 gave {sorted(lengths)}")
+        reply.write(json.dumps({"elapsed_s": elapsed}) + "\n")
+
+
 class Ct2Model:
-    """CTranslate2 int8 on the same stand-in, with `measure_one` shaped like `RawModel`'s."""
+    """CTranslate2 int8 on the same stand-in, with `measure_one` shaped like `RawModel`'s.
+
+    CTranslate2 runs in a child process of its own. In the benchmark's process its OpenMP
+    threads (libgomp, a second runtime and thread team beside torch's), the torch model and the
+    load generator could disturb one another: there, its batch-32 baseline moved between 644
+    and 790 tok/s from one pair to the next. The child inherits the environment, so `cap_isa`
+    reaches it (checked at start); it answers on a pipe and sleeps between requests. `close()`
+    (or `with`) stops it; it also exits on end of file when this process dies. Raises
+    `ImportError` without ctranslate2, without importing it here."""
 
     def __init__(
-        self, new_tokens: int, threads: int, workdir: Path, make_prompt, cpu_ticks, steal_share
+        self,
+        new_tokens: int,
+        threads: int,
+        workdir: Path,
+        make_prompt,
+        cpu_ticks,
+        steal_share,
+        architecture: str = "gpt2",
     ) -> None:
-        import ctranslate2
-        from transformers import AutoTokenizer
-
-        from serve_app.config import AppArgs, ModelSpec, resolve_args
-        from serve_app.models.resolve import prepare_model
-
-        spec = ModelSpec(id="gpt2", architecture="gpt2", seed=0)
-        info = prepare_model(spec, Path(resolve_args(AppArgs(models=[spec])).standin_dir), 1, True)
-        target = workdir / f"ct2-{info.revision.replace(':', '-')}-int8"
-        if not (target / "model.bin").exists():
-            converter = ctranslate2.converters.TransformersConverter(info.location)
-            tmp = target.with_suffix(".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            converter.convert(str(tmp), quantization="int8", force=True)
-            tmp.rename(target)
-        self.tokenizer = AutoTokenizer.from_pretrained(info.location)
-        self.generator = ctranslate2.Generator(
-            str(target), device="cpu", compute_type="int8", intra_threads=threads
-        )
-        self.compute_type = self.generator.compute_type
+        if importlib.util.find_spec("ctranslate2") is None:
+            raise ImportError("ctranslate2 is not installed")
         self.new_tokens = new_tokens
         self.make_prompt = make_prompt
         self._ticks, self._steal = cpu_ticks, steal_share
         self.rng = random.Random(0)
-        self.run(1, 4)  # warm-up
+        config = {"architecture": architecture, "threads": threads, "workdir": str(workdir)}
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", _CT2_WORKER, str(ROOT), json.dumps(config)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.pid = self._proc.pid
+        try:
+            ready = self._receive()
+            self.compute_type: str = ready["compute_type"]
+            self.isa_env: dict[str, str | None] = ready["isa_env"]
+            if self.isa_env != {k: os.environ.get(k) for k in self.isa_env}:
+                raise RuntimeError(f"the CTranslate2 process got ISA caps {self.isa_env}")
+            self.run(1, 4)  # warm-up
+        except BaseException:
+            self.close()
+            raise
+
+    def _receive(self) -> dict:
+        line = self._proc.stdout.readline()
+        if not line:
+            code = self._proc.wait()
+            raise RuntimeError(f"the CTranslate2 process exited with code {code} (stderr above)")
+        return json.loads(line)
 
     def run(self, batch: int, n: int) -> float:
-        prompts = [
-            self.tokenizer.convert_ids_to_tokens(self.tokenizer.encode(self.make_prompt(self.rng)))
-            for _ in range(batch)
-        ]
-        started = time.perf_counter()
-        results = self.generator.generate_batch(
-            prompts, max_length=n, min_length=n, sampling_topk=1, include_prompt_in_result=False
-        )
-        elapsed = time.perf_counter() - started
-        assert all(len(r.sequences_ids[0]) == n for r in results)
-        return elapsed
+        if self._proc.stdin.closed:
+            raise RuntimeError("the CTranslate2 process was closed")
+        prompts = [self.make_prompt(self.rng) for _ in range(batch)]
+        try:
+            self._proc.stdin.write(json.dumps({"prompts": prompts, "n": n}) + "\n")
+            self._proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # it died: `_receive` reports its exit code
+        return self._receive()["elapsed_s"]
 
     def measure_one(self, batch: int, reps: int) -> dict:
         ticks = self._ticks()
@@ -130,6 +214,28 @@ class Ct2Model:
             "kernels": f"ctranslate2 {self.compute_type}",
             "steal": self._steal(ticks, self._ticks()),
         }
+
+    def close(self, timeout_s: float = 30.0) -> int:
+        """Stop the child (end of file on its stdin; SIGKILL after `timeout_s`) and return its
+        exit code. Safe to call twice."""
+        if not self._proc.stdin.closed:
+            try:
+                self._proc.stdin.close()
+            except BrokenPipeError:
+                pass
+        try:
+            self._proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._proc.stdout.close()
+        return self._proc.returncode
+
+    def __enter__(self) -> Ct2Model:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def accuracy(texts: Path = TEXTS) -> dict:
