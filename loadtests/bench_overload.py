@@ -26,7 +26,6 @@ import asyncio
 import json
 import os
 import random
-import re
 import statistics
 import sys
 import time
@@ -39,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "loadtests"))
 
 from bench_batching import log, make_prompt, pct  # noqa: E402
+from bench_int8 import cpu_description  # noqa: E402
 from report import finish  # noqa: E402
 
 from tests.conftest import start_app, stop_app  # noqa: E402
@@ -53,13 +53,8 @@ MAX_RETRY_WAIT_S = 60.0  # the longest Retry-After the service sends
 
 
 def cpu_flags() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    flags = sorted(set(re.findall(r"\b(avx512[a-z_0-9]*|amx[a-z_0-9]*|avx2)\b", text)))
-    model = re.search(r"model name\s*:\s*(.+)", text)
-    return f"{model.group(1).strip() if model else 'unknown CPU'}; {' '.join(flags) or 'none'}"
+    cpu = cpu_description()
+    return f"{cpu['model']}; {' '.join(cpu['flags']) or 'none'}"
 
 
 def share(start: float, end: float, lo: float, hi: float) -> float:
