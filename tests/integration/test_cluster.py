@@ -140,7 +140,8 @@ def test_replicas_on_both_nodes_and_a_proxy_on_each(cluster_app: ClusterApp) -> 
         placed = {r["node_id"] for r in cluster_app.replicas(deployment)}
         assert placed == set(nodes), f"{deployment} replicas on {placed}, nodes {set(nodes)}"
     worker_proxy = f"http://127.0.0.1:{cluster_app.cluster.worker_proxy_port}"
-    assert _healthy(worker_proxy), "the worker node's proxy does not serve the app"
+    # Serve starts a node's proxy and hands it the routes after the head's app is up: wait.
+    _wait(lambda: _healthy(worker_proxy), 60, "the worker node's proxy to serve the app")
     health = httpx.get(f"{cluster_app.base_url}/healthz", timeout=5).json()
     assert health["redis"]["mode"] == "external"
     assert health["database"]["backend"] == "postgresql"
