@@ -42,10 +42,8 @@ def lower_priority(steps: int) -> int | None:
 
     For the decode thread, called before its first torch work: the OpenMP team it then
     starts inherits the niceness, so the whole forward pass yields the cores to the request
-    path (proxy, Ingress) whenever that has work, and takes all of them otherwise. On 2 cores
-    under 10x overload (bench_overload, 4 windows each, interleaved), with Ray's workers at
-    niceness 0 (configs/ray.env): refusal p50 13-18 vs 22-32 ms, p99 118-182 vs 216-376 ms,
-    /livez p99 107-217 vs 177-345 ms, and the same 32-user tok/s (median 194 vs 192).
+    path (proxy, Ingress) whenever that has work, and takes all of them otherwise. What it
+    measured, with Ray's workers at niceness 0: configs/ray.env.
     """
     if steps <= 0 or not sys.platform.startswith("linux"):
         return None
