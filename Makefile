@@ -65,8 +65,10 @@ bench-stream: install
 
 # Admission control: 32 users against 320 (10x) on configs/bench.yaml, in alternating windows.
 # Prints the table with the CPU flags, writes bench-results/overload.json.
+# PROXY=haproxy measures it behind Ray's HAProxy instead of Serve's Python proxy.
+PROXY ?= serve
 bench-overload: install
-	$(BIN)/python loadtests/bench_overload.py
+	$(BIN)/python loadtests/bench_overload.py --proxy $(PROXY)
 
 # Starts configs/tiny.yaml itself, or measures a running app: make bench-cache URL=http://...
 # Prints a table, writes bench-results/cache.json, exits non-zero when a target is missed.

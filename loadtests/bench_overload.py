@@ -17,6 +17,11 @@ together, so a 30 s window holds 7 or 8 such waves (a 13% step) by chance of its
 Targets (medians over the pairs): accepted tok/s at 320 users >= 0.9 x at 32 users; refusals
 answered in < 100 ms p99; /livez < 1 s p99 under overload. Prints a table with the CPU flags,
 writes bench-results/overload.json, and exits non-zero when a target is missed.
+
+`--proxy haproxy` measures the same service behind Ray's HAProxy proxy
+(`RAY_SERVE_ENABLE_HA_PROXY=1`) instead of Serve's Python HTTP proxy: HAProxy sends each request
+straight to the Ingress replica's own HTTP port. Not the default deployment (see
+docs/deployment.md); its files and stats ports go to the run's own directory and free ports.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from bench_batching import log, make_prompt, pct  # noqa: E402
 from bench_int8 import cpu_description  # noqa: E402
 from report import finish  # noqa: E402
 
-from tests.conftest import start_app, stop_app  # noqa: E402
+from tests.conftest import free_port, start_app, stop_app  # noqa: E402
 
 NEW_TOKENS = 32
 BASE_USERS = 32
@@ -55,6 +60,24 @@ MAX_RETRY_WAIT_S = 60.0  # the longest Retry-After the service sends
 def cpu_flags() -> str:
     cpu = cpu_description()
     return f"{cpu['model']}; {' '.join(cpu['flags']) or 'none'}"
+
+
+def proxy_env(proxy: str, workdir: Path) -> dict[str, str]:
+    """The environment that puts the app behind `proxy` ("serve": Ray's Python proxy)."""
+    if proxy == "serve":
+        return {}
+    files = workdir / "haproxy"
+    files.mkdir(parents=True, exist_ok=True)
+    return {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        # Ray's defaults are shared paths under /tmp and fixed ports: a run of its own here.
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(files / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(files / "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(files),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(files / "server-state"),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+    }
 
 
 def share(start: float, end: float, lo: float, hi: float) -> float:
@@ -146,9 +169,10 @@ async def window(base_url: str, users: int, warmup_s: float, span_s: float) -> d
     }
 
 
-async def run(workdir: Path, duration_s: float, pairs: int) -> list[dict]:
+async def run(workdir: Path, duration_s: float, pairs: int, proxy: str) -> list[dict]:
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    proc, app = start_app(ROOT / "configs" / "bench.yaml", workdir, None)
+    env = proxy_env(proxy, workdir)
+    proc, app = start_app(ROOT / "configs" / "bench.yaml", workdir, None, env=env)
     results = []
     try:
         async with aiohttp.ClientSession(app.base_url, raise_for_status=True) as client:
@@ -178,13 +202,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=30.0, help="measured seconds/window")
     parser.add_argument("--pairs", type=int, default=3, help="baseline/overload pairs")
+    parser.add_argument(
+        "--proxy", choices=("serve", "haproxy"), default="serve",
+        help="Serve's Python HTTP proxy (the default deployment) or Ray's HAProxy",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "overload.json")
     parser.add_argument("--workdir", type=Path, default=ROOT / "bench-results" / "overload-app")
     ns = parser.parse_args()
     ns.workdir.mkdir(parents=True, exist_ok=True)
     flags = cpu_flags()
-    log(f"CPU: {flags}; {os.cpu_count()} cores")
-    results = asyncio.run(run(ns.workdir, ns.duration, ns.pairs))
+    log(f"CPU: {flags}; {os.cpu_count()} cores; proxy: {ns.proxy}")
+    results = asyncio.run(run(ns.workdir, ns.duration, ns.pairs, ns.proxy))
     base = results[0::2]
     over = results[1::2]
     ratios = [o["tok_s"] / b["tok_s"] for b, o in zip(base, over, strict=True)]
@@ -200,7 +228,7 @@ def main() -> int:
         ("/livez p99 at 320 users (s, median)", livez,
          f"< {LIVEZ_P99_TARGET_S}", livez < LIVEZ_P99_TARGET_S),
     ]  # fmt: skip
-    print(f"\nCPU: {flags}")
+    print(f"\nCPU: {flags}\nproxy: {ns.proxy}")
     print(
         "users   tok/s  served  p50 s  refused  refusal p50  refusal p99  livez p99  errors"
         "  client lag p99"
@@ -214,7 +242,7 @@ def main() -> int:
             f"{r['errors']:>7} {r['client_lag_p99_s'] * 1000:12.0f} ms"
         )
     print(f"\naccepted tok/s ratio by pair: {[round(x, 3) for x in ratios]}\n")
-    return finish(ns.out, checks, cpu=flags, ratios=ratios, windows=results)
+    return finish(ns.out, checks, cpu=flags, proxy=ns.proxy, ratios=ratios, windows=results)
 
 
 if __name__ == "__main__":
