@@ -46,7 +46,7 @@ from bench_batching import log, make_prompt, pct  # noqa: E402
 from bench_int8 import cpu_description  # noqa: E402
 from report import finish  # noqa: E402
 
-from tests.conftest import free_port, start_app, stop_app  # noqa: E402
+from tests.conftest import haproxy_env, start_app, stop_app  # noqa: E402
 
 NEW_TOKENS = 32
 BASE_USERS = 32
@@ -60,24 +60,6 @@ MAX_RETRY_WAIT_S = 60.0  # the longest Retry-After the service sends
 def cpu_flags() -> str:
     cpu = cpu_description()
     return f"{cpu['model']}; {' '.join(cpu['flags']) or 'none'}"
-
-
-def proxy_env(proxy: str, workdir: Path) -> dict[str, str]:
-    """The environment that puts the app behind `proxy` ("serve": Ray's Python proxy)."""
-    if proxy == "serve":
-        return {}
-    files = workdir / "haproxy"
-    files.mkdir(parents=True, exist_ok=True)
-    return {
-        "RAY_SERVE_ENABLE_HA_PROXY": "1",
-        # Ray's defaults are shared paths under /tmp and fixed ports: a run of its own here.
-        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(files / "haproxy.cfg"),
-        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(files / "admin.sock"),
-        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(files),
-        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(files / "server-state"),
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
-    }
 
 
 def share(start: float, end: float, lo: float, hi: float) -> float:
@@ -171,7 +153,7 @@ async def window(base_url: str, users: int, warmup_s: float, span_s: float) -> d
 
 async def run(workdir: Path, duration_s: float, pairs: int, proxy: str) -> list[dict]:
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    env = proxy_env(proxy, workdir)
+    env = haproxy_env() if proxy == "haproxy" else {}
     proc, app = start_app(ROOT / "configs" / "bench.yaml", workdir, None, env=env)
     results = []
     try:

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator, MutableMapping
@@ -101,6 +102,24 @@ def apply_ray_env(env: MutableMapping[str, str]) -> None:
         key, sep, value = line.partition("=")
         if sep and not line.lstrip().startswith("#"):
             env.setdefault(key.strip(), value.strip())
+
+
+def haproxy_env() -> dict[str, str]:
+    """The environment that puts an app behind Ray's HAProxy instead of Serve's Python proxy,
+    with HAProxy's files in a directory of its own and its stats ports free ones: Ray's
+    defaults are shared paths under /tmp and fixed ports, which two clusters on one host would
+    share. The directory is short (Ray adds the node id to it, and a unix socket's path is at
+    most 97 bytes for HAProxy)."""
+    files = Path(tempfile.mkdtemp(prefix="hap-", dir="/tmp"))
+    return {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(files / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(files / "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(files),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(files / "server-state"),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+    }
 
 
 # The app's own settings: a test sets them explicitly, never inherits them.

@@ -1,0 +1,55 @@
+"""The optional HAProxy deployment (docs/deployment.md, "Behind HAProxy"): with
+RAY_SERVE_ENABLE_HA_PROXY=1 an HAProxy of the app's own answers on the config's HTTP port and
+the service behaves as behind Serve's Python proxy: generations, JSON errors, health.
+
+Module-scoped, and named to run before test_http_api.py, so this app is gone before the
+session app starts."""
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, descendants, haproxy_env, start_app, stop_app
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def haproxy_app(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("haproxy")
+    env = haproxy_env()
+    proc, app = start_app(ROOT / "configs" / "tiny.yaml", workdir, None, env=env)
+    try:
+        yield Path(env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"]), proc, app
+    finally:
+        stop_app(proc)
+
+
+def command_lines(root: int) -> list[str]:
+    lines = []
+    for pid in descendants(root):
+        try:
+            lines.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except OSError:
+            continue
+    return lines
+
+
+def test_haproxy_serves_the_app(haproxy_app):
+    files, proc, app = haproxy_app
+    # HAProxy really is in front: its process runs this app's config, which binds the app's port.
+    (config,) = files.glob("**/haproxy.cfg")
+    assert any("haproxy" in line and str(config) in line for line in command_lines(proc.pid))
+    port = app.base_url.rsplit(":", 1)[1]
+    assert f":{port}" in config.read_text()
+    with app.client() as client:
+        assert client.get("/livez").status_code == 200
+        health = client.get("/healthz")
+        answer = client.post("/generate", json={"prompts": ["behind haproxy"], "max_new_tokens": 4})
+        bad = client.post("/generate", json={"prompts": ["x"], "temperature": 99})
+    assert health.status_code == 200 and health.json()["generator"]["status"] == "ok"
+    assert answer.status_code == 200
+    assert 0 < answer.json()[0]["usage"]["completion_tokens"] <= 4
+    assert bad.status_code == 422
+    assert bad.headers["content-type"].startswith("application/json")
+    assert bad.json()["error"]["type"]
