@@ -21,7 +21,7 @@ writes bench-results/overload.json, and exits non-zero when a target is missed.
 `--proxy haproxy` measures the same service behind Ray's HAProxy proxy
 (`RAY_SERVE_ENABLE_HA_PROXY=1`) instead of Serve's Python HTTP proxy: HAProxy sends each request
 straight to the Ingress replica's own HTTP port. Not the default deployment (see
-docs/deployment.md); its files and stats ports go to the run's own directory and free ports.
+docs/deployment.md); its files go to a private directory, its stats ports to free ones.
 """
 
 from __future__ import annotations
