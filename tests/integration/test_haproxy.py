@@ -5,6 +5,7 @@ the service behaves as behind Serve's Python proxy: generations, JSON errors, he
 Module-scoped, and named to run before test_http_api.py, so this app is gone before the
 session app starts."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -18,11 +19,13 @@ pytestmark = pytest.mark.integration
 def haproxy_app(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("haproxy")
     env = haproxy_env()
+    files = Path(env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"])
     proc, app = start_app(ROOT / "configs" / "tiny.yaml", workdir, None, env=env)
     try:
-        yield Path(env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"]), proc, app
+        yield files, proc, app
     finally:
         stop_app(proc)
+        shutil.rmtree(files, ignore_errors=True)
 
 
 def command_lines(root: int) -> list[str]:
