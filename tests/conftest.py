@@ -239,6 +239,18 @@ def descendants(root: int) -> list[int]:
     return out
 
 
+def descendant_commands(root: int) -> dict[int, bytes]:
+    """The command line (NUL-separated, as /proc has it) of every process below `root`; a
+    process gone meanwhile is left out."""
+    commands = {}
+    for pid in descendants(root):
+        try:
+            commands[pid] = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+    return commands
+
+
 def stop_app(proc: subprocess.Popen, timeout_s: float = 60) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGINT)  # serve run shuts Serve and its local Ray down

@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, closing
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import httpx
 import pytest
@@ -28,7 +27,7 @@ import pytest
 from tests.conftest import (
     ROOT,
     RunningApp,
-    descendants,
+    descendant_commands,
     needs_postgres,
     private_postgres_database,
     start_app,
@@ -305,14 +304,7 @@ def test_paging_walks_every_row_once_while_rows_are_inserted(client, app) -> Non
 def replica_pids(app: RunningApp, deployment: str) -> set[int]:
     """Replica processes of this app's cluster, found by the title Ray gives them."""
     title = f"ServeReplica:{APP_NAME}:{deployment}".encode()
-    pids = set()
-    for pid in descendants(app.pid):
-        try:
-            if title in Path(f"/proc/{pid}/cmdline").read_bytes():
-                pids.add(pid)
-        except OSError:
-            continue
-    return pids
+    return {pid for pid, command in descendant_commands(app.pid).items() if title in command}
 
 
 class Load:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, descendants, haproxy_env, start_app, stop_app
+from tests.conftest import ROOT, descendant_commands, haproxy_env, start_app, stop_app
 
 pytestmark = pytest.mark.integration
 
@@ -28,21 +28,12 @@ def haproxy_app(tmp_path_factory):
         shutil.rmtree(files, ignore_errors=True)
 
 
-def command_lines(root: int) -> list[str]:
-    lines = []
-    for pid in descendants(root):
-        try:
-            lines.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
-        except OSError:
-            continue
-    return lines
-
-
 def test_haproxy_serves_the_app(haproxy_app):
     files, proc, app = haproxy_app
     # HAProxy really is in front: its process runs this app's config, which binds the app's port.
     (config,) = files.glob("**/haproxy.cfg")
-    assert any("haproxy" in line and str(config) in line for line in command_lines(proc.pid))
+    commands = descendant_commands(proc.pid).values()
+    assert any(b"haproxy" in cmd and str(config).encode() in cmd for cmd in commands)
     port = app.base_url.rsplit(":", 1)[1]
     assert f":{port}" in config.read_text()
     with app.client() as client:
