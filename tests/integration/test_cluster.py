@@ -74,7 +74,9 @@ def cluster_app(tmp_path_factory, redis_server) -> Iterator[ClusterApp]:
         cluster.start(env)
         port = free_port()
         config = workdir / "cluster.yaml"
-        config.write_text(yaml.safe_dump(small_cluster_config(port)))
+        # A target of 1 makes the 6 clients ask for all 3 replicas, so the scale-out reaches the
+        # worker node whichever node the first added replica lands on.
+        config.write_text(yaml.safe_dump(small_cluster_config(port, target_ongoing_requests=1)))
         cluster.serve("deploy", str(config), env=env)
         app = ClusterApp(cluster, port, database_url)
         _wait(lambda: _healthy(app.base_url), STARTUP_TIMEOUT_S, "the app on the cluster")
@@ -153,10 +155,16 @@ def test_node_loss_under_load_and_autoscaling(cluster_app: ClusterApp) -> None:
     Generator scales back in to one replica within about 3 minutes."""
     cluster = cluster_app.cluster
     head = next(i for i, n in cluster_app.nodes().items() if n["is_head_node"])
+
+    def generator_nodes() -> set[str]:
+        return {r["node_id"] for r in cluster_app.replicas("Generator")}
+
     with TimedLoad(cluster_app, CLIENTS) as load:
         _wait(lambda: len(cluster_app.replicas("Generator")) >= 2, 90, "a Generator scale-out")
+        # Serve's SPREAD placement is best effort: the first added replica may join the initial
+        # one on its node, the next goes to the other. The worker must hold one when it dies.
+        _wait(lambda: len(generator_nodes()) == 2, 90, "the scaled-out Generator on both nodes")
         peak = len(cluster_app.replicas("Generator"))
-        generator_nodes = {r["node_id"] for r in cluster_app.replicas("Generator")}
         _wait(lambda: len(load.answered()) >= 30, 60, "answers before the node dies")
 
         killed_at = time.monotonic()
@@ -176,7 +184,6 @@ def test_node_loss_under_load_and_autoscaling(cluster_app: ClusterApp) -> None:
         # Still under load, the lost capacity comes back on the head: scale-in is measurable.
         _wait(lambda: len(cluster_app.replicas("Generator")) >= 2, 90, "a scale-out on the head")
     assert not any(t.is_alive() for t in load.threads), "a client request hung"
-    assert len(generator_nodes) == 2, "the scaled-out Generator stayed on one node"
 
     statuses = [status for _, status, _ in load.outcomes]
     assert set(statuses) <= {200, 503}, sorted({str(s) for s in statuses})
@@ -190,8 +197,8 @@ def test_node_loss_under_load_and_autoscaling(cluster_app: ClusterApp) -> None:
     idle_from = time.monotonic()
     _wait(lambda: len(cluster_app.replicas("Generator")) == 1, DOWNSCALE_LIMIT_S, "a scale-in")
     print(
-        f"cluster: Generator peaked at {peak} replicas; worker node killed, back on the head in "
-        f"{recovery_s:.0f} s; {len(answered)} rows acknowledged and stored, "
+        f"cluster: Generator on {peak} replicas across both nodes; worker node killed, back on "
+        f"the head in {recovery_s:.0f} s; {len(answered)} rows acknowledged and stored, "
         f"{statuses.count(503)} requests got 503; scaled in to 1 after "
         f"{time.monotonic() - idle_from:.0f} s idle"
     )
