@@ -21,7 +21,7 @@ writes bench-results/overload.json, and exits non-zero when a target is missed.
 `--proxy haproxy` measures the same service behind Ray's HAProxy proxy
 (`RAY_SERVE_ENABLE_HA_PROXY=1`) instead of Serve's Python HTTP proxy: HAProxy sends each request
 straight to the Ingress replica's own HTTP port. Not the default deployment (see
-docs/deployment.md); its files go to a private directory, its stats ports to free ones.
+docs/deployment.md); the harness gives it a private directory and free ports.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from bench_batching import log, make_prompt, pct  # noqa: E402
 from bench_int8 import cpu_description  # noqa: E402
 from report import finish  # noqa: E402
 
-from tests.conftest import haproxy_env, start_app, stop_app  # noqa: E402
+from tests.conftest import start_app, stop_app  # noqa: E402
 
 NEW_TOKENS = 32
 BASE_USERS = 32
@@ -153,7 +153,8 @@ async def window(base_url: str, users: int, warmup_s: float, span_s: float) -> d
 
 async def run(workdir: Path, duration_s: float, pairs: int, proxy: str) -> list[dict]:
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    env = haproxy_env() if proxy == "haproxy" else {}
+    # Explicit either way, so the comparison holds whatever configs/ray.env chooses.
+    env = {"RAY_SERVE_ENABLE_HA_PROXY": "1" if proxy == "haproxy" else "0"}
     proc, app = start_app(ROOT / "configs" / "bench.yaml", workdir, None, env=env)
     results = []
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -105,21 +106,27 @@ def apply_ray_env(env: MutableMapping[str, str]) -> None:
 
 
 def haproxy_env() -> dict[str, str]:
-    """The environment that puts an app behind Ray's HAProxy instead of Serve's Python proxy,
-    with HAProxy's files in a directory of its own and its stats ports free ones: Ray's
-    defaults are shared paths under /tmp and fixed ports, which two clusters on one host would
-    share. The directory is short (Ray adds the node id to it, and a unix socket's path is at
-    most 97 bytes for HAProxy)."""
+    """The environment that isolates one cluster's HAProxy (RAY_SERVE_ENABLE_HA_PROXY=1): its
+    files in a directory of its own, its stats and metrics ports and its replicas' direct HTTP
+    ports free ones. Ray's defaults are shared paths under /tmp and fixed ports, which a second
+    cluster on the host fails to bind. The directory is short (Ray adds the node id to it, and
+    a unix socket's path is at most 97 bytes for HAProxy)."""
     files = Path(tempfile.mkdtemp(prefix="hap-", dir="/tmp"))
+    direct = free_port()
     return {
-        "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(files / "haproxy.cfg"),
         "RAY_SERVE_HAPROXY_SOCKET_PATH": str(files / "admin.sock"),
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(files),
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(files / "server-state"),
         "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(direct),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(direct + 100),
     }
+
+
+# HAProxy's private directory per `serve run` pid, removed by stop_app.
+_HAPROXY_FILES: dict[int, Path] = {}
 
 
 # The app's own settings: a test sets them explicitly, never inherits them.
@@ -203,6 +210,11 @@ def launch_app(
     env["RAY_ADDRESS"] = "local"  # a private cluster, never one the developer is running
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     apply_ray_env(env)
+    files = None
+    if env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
+        isolation = haproxy_env()
+        env.update(isolation)
+        files = Path(isolation["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"])
     if redis_url:
         env["REDIS_URL"] = redis_url
     log = workdir / "serve.log"
@@ -215,6 +227,8 @@ def launch_app(
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+    if files:
+        _HAPROXY_FILES[proc.pid] = files
     app = RunningApp(
         f"http://127.0.0.1:{port}", db_path, redis_url, log, env["DATABASE_URL"], proc.pid
     )
@@ -259,6 +273,9 @@ def stop_app(proc: subprocess.Popen, timeout_s: float = 60) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+    files = _HAPROXY_FILES.pop(proc.pid, None)
+    if files:
+        shutil.rmtree(files, ignore_errors=True)
 
 
 ADMIN_TOKEN = "test-admin-token"  # enables DELETE /cache on the session app

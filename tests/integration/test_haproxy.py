@@ -5,12 +5,11 @@ the service behaves as behind Serve's Python proxy: generations, JSON errors, he
 Module-scoped, and named to run before test_http_api.py, so this app is gone before the
 session app starts."""
 
-import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, descendant_commands, haproxy_env, start_app, stop_app
+from tests.conftest import ROOT, descendant_commands, start_app, stop_app
 
 pytestmark = pytest.mark.integration
 
@@ -18,22 +17,23 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def haproxy_app(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("haproxy")
-    env = haproxy_env()
-    files = Path(env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"])
+    env = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
     proc, app = start_app(ROOT / "configs" / "tiny.yaml", workdir, None, env=env)
     try:
-        yield files, proc, app
+        yield proc, app
     finally:
         stop_app(proc)
-        shutil.rmtree(files, ignore_errors=True)
 
 
 def test_haproxy_serves_the_app(haproxy_app):
-    files, proc, app = haproxy_app
-    # HAProxy really is in front: its process runs this app's config, which binds the app's port.
-    (config,) = files.glob("**/haproxy.cfg")
-    commands = descendant_commands(proc.pid).values()
-    assert any(b"haproxy" in cmd and str(config).encode() in cmd for cmd in commands)
+    proc, app = haproxy_app
+    # HAProxy really is in front: its process runs a config of this app's own (not Ray's
+    # shared default path) that binds the app's port.
+    haproxies = [
+        cmd.split(b"\0") for cmd in descendant_commands(proc.pid).values() if b"/haproxy\0" in cmd
+    ]
+    (config,) = {Path(args[args.index(b"-f") + 1].decode()) for args in haproxies}
+    assert not str(config).startswith("/tmp/haproxy-serve/")
     port = app.base_url.rsplit(":", 1)[1]
     assert f":{port}" in config.read_text()
     with app.client() as client:
