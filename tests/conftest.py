@@ -107,9 +107,10 @@ def apply_ray_env(env: MutableMapping[str, str]) -> None:
 
 def haproxy_env() -> dict[str, str]:
     """The environment that isolates one cluster's HAProxy (RAY_SERVE_ENABLE_HA_PROXY=1): its
-    files in a directory of its own, its stats and metrics ports and its replicas' direct HTTP
-    ports free ones. Ray's defaults are shared paths under /tmp and fixed ports, which a second
-    cluster on the host fails to bind. The directory is short (Ray adds the node id to it, and
+    files in a directory of its own; its stats and metrics ports, its replicas' direct HTTP
+    ports and its fallback proxy's ports free ones. Ray's defaults are shared paths under /tmp
+    and fixed ports, which a second cluster on the host fails to bind or, for the fallback
+    proxy, sends to the first one's. The directory is short (Ray adds the node id to it, and
     a unix socket's path is at most 97 bytes for HAProxy)."""
     files = Path(tempfile.mkdtemp(prefix="hap-", dir="/tmp"))
     direct = free_port()
@@ -122,6 +123,10 @@ def haproxy_env() -> dict[str, str]:
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
         "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(direct),
         "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(direct + 100),
+        # HAProxy's backup server: Serve's Python proxy on a fixed port (8500), where another
+        # cluster's answers whenever this one's Ingress is marked down.
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port()),
     }
 
 
