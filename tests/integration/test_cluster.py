@@ -138,9 +138,13 @@ class TimedLoad:
 def test_replicas_on_both_nodes_and_a_proxy_on_each(cluster_app: ClusterApp) -> None:
     nodes = cluster_app.nodes()
     assert len(nodes) == 2 and all(n["state"] == "ALIVE" for n in nodes.values())
+    # The app answers once one replica of each deployment runs; the second may still start.
     for deployment in ("Ingress", "Persistence"):
-        placed = {r["node_id"] for r in cluster_app.replicas(deployment)}
-        assert placed == set(nodes), f"{deployment} replicas on {placed}, nodes {set(nodes)}"
+
+        def placed(deployment: str = deployment) -> set[str]:
+            return {r["node_id"] for r in cluster_app.replicas(deployment)}
+
+        _wait(lambda: placed() == set(nodes), 90, f"{deployment} replicas on both nodes")
     worker_proxy = f"http://127.0.0.1:{cluster_app.cluster.worker_proxy_port}"
     # Serve starts a node's proxy and hands it the routes after the head's app is up: wait.
     _wait(lambda: _healthy(worker_proxy), 60, "the worker node's proxy to serve the app")
