@@ -65,8 +65,8 @@ bench-stream: install
 
 # Admission control: 32 users against 320 (10x) on configs/bench.yaml, in alternating windows.
 # Prints the table with the CPU flags, writes bench-results/overload.json.
-# PROXY=haproxy measures it behind Ray's HAProxy instead of Serve's Python proxy.
-PROXY ?= serve
+# Behind the default front, Ray's HAProxy; PROXY=serve measures it behind Serve's Python proxy.
+PROXY ?= haproxy
 bench-overload: install
 	$(BIN)/python loadtests/bench_overload.py --proxy $(PROXY)
 

@@ -139,6 +139,9 @@ class LocalCluster:
         env.pop("RAY_ADDRESS", None)
         env.setdefault("RAY_AUTH_MODE", "disabled")  # a loopback-only cluster of our own
         env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        # Serve's Python proxy on every node, whatever configs/ray.env says: behind Ray 2.60's
+        # HAProxy, losing a node under load dropped client connections without a response.
+        env["RAY_SERVE_ENABLE_HA_PROXY"] = "0"
         env.update(self.env_overrides)
         return env
 

@@ -18,10 +18,11 @@ Targets (medians over the pairs): accepted tok/s at 320 users >= 0.9 x at 32 use
 answered in < 100 ms p99; /livez < 1 s p99 under overload. Prints a table with the CPU flags,
 writes bench-results/overload.json, and exits non-zero when a target is missed.
 
-`--proxy haproxy` measures the same service behind Ray's HAProxy proxy
-(`RAY_SERVE_ENABLE_HA_PROXY=1`) instead of Serve's Python HTTP proxy: HAProxy sends each request
-straight to the Ingress replica's own HTTP port. Not the default deployment (see
-docs/deployment.md); the harness gives it a private directory and free ports.
+The service runs behind its default front, Ray's HAProxy (configs/ray.env): HAProxy sends each
+request straight to the Ingress replica's own HTTP port. `--proxy serve` measures the same
+service behind Serve's Python HTTP proxy instead (`RAY_SERVE_ENABLE_HA_PROXY=0`, the front of
+multi-node clusters, see docs/deployment.md). The harness gives each app a private directory
+and free ports for HAProxy.
 """
 
 from __future__ import annotations
@@ -186,8 +187,8 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=30.0, help="measured seconds/window")
     parser.add_argument("--pairs", type=int, default=3, help="baseline/overload pairs")
     parser.add_argument(
-        "--proxy", choices=("serve", "haproxy"), default="serve",
-        help="Serve's Python HTTP proxy (the default deployment) or Ray's HAProxy",
+        "--proxy", choices=("haproxy", "serve"), default="haproxy",
+        help="Ray's HAProxy (the default front, configs/ray.env) or Serve's Python HTTP proxy",
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "overload.json")
     parser.add_argument("--workdir", type=Path, default=ROOT / "bench-results" / "overload-app")
