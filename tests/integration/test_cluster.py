@@ -55,6 +55,9 @@ class ClusterApp(RunningApp):
     def replicas(self, deployment: str) -> list[dict]:
         return self.cluster.running_replicas(deployment)
 
+    def replica_nodes(self, deployment: str) -> set[str]:
+        return {r["node_id"] for r in self.replicas(deployment)}
+
     def nodes(self) -> dict[str, dict]:
         r = httpx.get(f"{self.cluster.dashboard_url}/api/v0/nodes", timeout=10)
         return {n["node_id"]: n for n in r.json()["data"]["result"]["result"]}
@@ -140,11 +143,11 @@ def test_replicas_on_both_nodes_and_a_proxy_on_each(cluster_app: ClusterApp) -> 
     assert len(nodes) == 2 and all(n["state"] == "ALIVE" for n in nodes.values())
     # The app answers once one replica of each deployment runs; the second may still start.
     for deployment in ("Ingress", "Persistence"):
-
-        def placed(deployment: str = deployment) -> set[str]:
-            return {r["node_id"] for r in cluster_app.replicas(deployment)}
-
-        _wait(lambda: placed() == set(nodes), 90, f"{deployment} replicas on both nodes")
+        _wait(
+            lambda d=deployment: cluster_app.replica_nodes(d) == set(nodes),
+            90,
+            f"{deployment} replicas on both nodes",
+        )
     worker_proxy = f"http://127.0.0.1:{cluster_app.cluster.worker_proxy_port}"
     # Serve starts a node's proxy and hands it the routes after the head's app is up: wait.
     _wait(lambda: _healthy(worker_proxy), 60, "the worker node's proxy to serve the app")
@@ -160,14 +163,15 @@ def test_node_loss_under_load_and_autoscaling(cluster_app: ClusterApp) -> None:
     cluster = cluster_app.cluster
     head = next(i for i, n in cluster_app.nodes().items() if n["is_head_node"])
 
-    def generator_nodes() -> set[str]:
-        return {r["node_id"] for r in cluster_app.replicas("Generator")}
-
     with TimedLoad(cluster_app, CLIENTS) as load:
         _wait(lambda: len(cluster_app.replicas("Generator")) >= 2, 90, "a Generator scale-out")
         # Serve's SPREAD placement is best effort: the first added replica may join the initial
         # one on its node, the next goes to the other. The worker must hold one when it dies.
-        _wait(lambda: len(generator_nodes()) == 2, 90, "the scaled-out Generator on both nodes")
+        _wait(
+            lambda: len(cluster_app.replica_nodes("Generator")) == 2,
+            90,
+            "the scaled-out Generator on both nodes",
+        )
         peak = len(cluster_app.replicas("Generator"))
         _wait(lambda: len(load.answered()) >= 30, 60, "answers before the node dies")
 
@@ -177,8 +181,7 @@ def test_node_loss_under_load_and_autoscaling(cluster_app: ClusterApp) -> None:
         def recovered() -> bool:
             recent = load.statuses_since(time.monotonic() - 5)
             every_deployment_on_head = all(
-                cluster_app.replicas(d)
-                and {r["node_id"] for r in cluster_app.replicas(d)} == {head}
+                cluster_app.replica_nodes(d) == {head}
                 for d in ("Ingress", "Persistence", "Generator")
             )
             return every_deployment_on_head and len(recent) >= 5 and set(recent) == {200}
